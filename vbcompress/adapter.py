@@ -1,0 +1,171 @@
+"""The in-memory adapter model every command reads and writes.
+
+A LoRA module is ``ΔW = scale · B @ A`` with ``A: [r, in]`` and ``B: [out, r]``, laid onto the base weight
+transposed when the base stores it ``[in, out]`` (GPT-2 ``Conv1D``, ``fan_in_fan_out``) or is an embedding.
+A VB-LoRA adapter keeps its vector bank and per-module top-k codes, and exposes the same A and B decoded.
+Tensors that are not LoRA factors (heads in ``modules_to_save``, DoRA magnitudes) are carried verbatim.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+LINEAR, EMBEDDING, CONV = "linear", "embedding", "conv"
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts ``layers.2`` before ``layers.10``."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+@dataclass
+class LoraModule:
+    """One adapted module. ``A: [r, in]`` (conv: ``[r, in·kh·kw]``), ``B: [out, r]``."""
+
+    name: str
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float = 1.0
+    fan_in_fan_out: bool = False
+    kind: str = LINEAR
+    kernel: tuple[int, ...] | None = None
+    alpha: float | None = None
+
+    @property
+    def r(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.B.shape[0]
+
+    @property
+    def transposed(self) -> bool:
+        """Whether ΔW is laid onto the base weight as ``[in, out]``."""
+        return self.fan_in_fan_out or self.kind == EMBEDDING
+
+    @property
+    def num_params(self) -> int:
+        return self.A.numel() + self.B.numel()
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ΔW in the base weight's layout (``[out, in]``, ``[in, out]`` or ``[out, in, kh, kw]``)."""
+        delta = self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+        if self.kind == CONV and self.kernel is not None:
+            return delta.reshape(self.out_features, -1, *self.kernel)
+        return delta.T if self.transposed else delta
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, A)`` in float32 with the scale folded in, so that ``ΔW = B @ A``."""
+        return self.B.float() * self.scale, self.A.float()
+
+
+@dataclass
+class VBCode:
+    """Top-k code of one VB-LoRA module: indices into the bank and mixture weights (rows sum to 1).
+
+    ``indices_A, weights_A: [r, in/L, k]``; ``indices_B, weights_B: [out/L, r, k]``.
+    """
+
+    indices_A: torch.Tensor
+    weights_A: torch.Tensor
+    indices_B: torch.Tensor
+    weights_B: torch.Tensor
+
+
+@dataclass
+class VectorBank:
+    """One bank ``[N, L]`` shared by every module, with each module's top-k code."""
+
+    bank: torch.Tensor
+    topk: int
+    codes: dict[str, VBCode] = field(default_factory=dict)
+
+    @property
+    def num_vectors(self) -> int:
+        return self.bank.shape[0]
+
+    @property
+    def vector_length(self) -> int:
+        return self.bank.shape[1]
+
+    def decode(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [r, in], B [out, r])`` of one module, as PEFT computes them."""
+        code = self.codes[name]
+        bank = self.bank.float()
+        a = mix(bank, code.indices_A, code.weights_A)  # [r, in/L, L]
+        b = mix(bank, code.indices_B, code.weights_B)  # [out/L, r, L]
+        return a.reshape(a.shape[0], -1), b.transpose(1, 2).reshape(-1, b.shape[1])
+
+
+def mix(bank: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sub-vectors ``Σ_k weights[..., k] · bank[indices[..., k]]``: ``[..., k]`` codes → ``[..., L]``."""
+    return torch.einsum("...k,...kl->...l", weights.float(), bank[indices.long()])
+
+
+@dataclass
+class Adapter:
+    """An adapter of any supported format, as modules plus what is needed to write it back."""
+
+    modules: dict[str, LoraModule]
+    carried: dict[str, torch.Tensor] = field(default_factory=dict)
+    source_format: str = "peft"
+    base_model: str | None = None
+    task_type: str | None = None
+    target_modules: Any = None
+    modules_to_save: list[str] | None = None
+    dtype: str = "float32"
+    config: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+    vector_bank: VectorBank | None = None
+
+    @property
+    def num_lora_params(self) -> int:
+        return sum(m.num_params for m in self.modules.values())
+
+    @property
+    def num_carried_params(self) -> int:
+        return sum(t.numel() for t in self.carried.values())
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({m.r for m in self.modules.values()})
+
+    def stored_bytes(self) -> int:
+        """Bytes of the adapter's own weights as stored (bank + codes for VB-LoRA; A and B for LoRA)."""
+        if self.vector_bank is not None:
+            return vb_stored_bytes(self.vector_bank)
+        return sum(m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size() for m in self.modules.values())
+
+    def fp16_bytes(self) -> int:
+        """Bytes of the LoRA factors at fp16: the denominator of every compression ratio."""
+        return 2 * self.num_lora_params
+
+    def carried_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.carried.values())
+
+
+def index_dtype(num_vectors: int) -> torch.dtype:
+    """The index dtype PEFT uses for a bank of ``num_vectors`` vectors."""
+    if num_vectors < 2**8:
+        return torch.uint8
+    if num_vectors < 2**15:
+        return torch.int16
+    if num_vectors < 2**31:
+        return torch.int32
+    return torch.int64
+
+
+def vb_stored_bytes(vb: VectorBank) -> int:
+    """Bytes of bank + indices + float32 top-k weights (k-1 stored per sub-vector), as the compact layout writes."""
+    idx_size = torch.empty(0, dtype=index_dtype(vb.num_vectors)).element_size()
+    subvectors = sum(c.indices_A[..., 0].numel() + c.indices_B[..., 0].numel() for c in vb.codes.values())
+    return vb.bank.numel() * vb.bank.element_size() + subvectors * (vb.topk * idx_size + (vb.topk - 1) * 4)

@@ -1,0 +1,118 @@
+"""Reading tensor files with precise errors, and writing outputs atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import FormatError, VBCompressError
+
+
+def check_safetensors(path: Path) -> dict:
+    """Validate a safetensors header against the file size; return the parsed header.
+
+    safetensors' own message for a truncated file is terse, and users most often meet it after an
+    interrupted download, so say how many bytes are missing.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FormatError(path, f"not a safetensors file: only {size} bytes")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise FormatError(path, f"truncated safetensors file: header declares {n} bytes, file has {size - 8}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(path, f"corrupt safetensors header ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise FormatError(path, "corrupt safetensors header (not a JSON object)")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise FormatError(
+            path, f"truncated safetensors file: tensors need {end} bytes of data, file holds {size - 8 - n}"
+        )
+    return header
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a ``.safetensors`` or PyTorch pickle file, and the safetensors metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(path, "no such file")
+    if path.suffix == ".safetensors":
+        check_safetensors(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except SafetensorError as e:
+            raise FormatError(path, f"corrupt safetensors file ({e})") from None
+    try:
+        # Pickles can run code: weights_only refuses anything that is not plain tensors and containers.
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch raises many unrelated types for a bad pickle
+        raise FormatError(path, f"cannot read as a PyTorch weights file ({e.__class__.__name__}: {str(e)[:120]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FormatError(path, "not a state dict of tensors")
+    return dict(state), {}
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FormatError(path, "no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(path, f"invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FormatError(path, "expected a JSON object")
+    return data
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or {"format": "pt"})
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out`` that becomes ``out`` only if the block succeeds.
+
+    A failure leaves nothing behind; an existing non-empty ``out`` is replaced only with ``overwrite``,
+    and never when it is one of the ``inputs``.
+    """
+    out = Path(out)
+    for src in inputs:
+        if src is not None and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
+            raise VBCompressError(out, "output would overwrite the input")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise VBCompressError(out, "output exists and is not empty (use --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        os.replace(tmp, out)

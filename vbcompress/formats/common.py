@@ -1,0 +1,127 @@
+"""What every LoRA reader shares: grouping factor tensors by module, checking them, computing the scale."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapter import CONV, EMBEDDING, LINEAR, LoraModule
+from ..errors import FormatError, ShapeError
+
+
+@dataclass
+class FactorPair:
+    """The raw tensors of one module as found in a file: down (A), up (B) and an optional alpha."""
+
+    down: torch.Tensor | None = None
+    up: torch.Tensor | None = None
+    alpha: float | None = None
+    kind: str = LINEAR
+    keys: list[str] = field(default_factory=list)
+
+
+def match_keys(
+    tensors: dict[str, torch.Tensor],
+    rules: list[tuple[re.Pattern, str]],
+    name_of: Callable[[re.Match], str] = lambda m: m.group("name"),
+) -> tuple[dict[str, FactorPair], list[str]]:
+    """Sort keys into factor pairs by ``rules`` (pattern → role ``down|up|alpha|down_emb|up_emb``).
+
+    Returns the pairs by module name and the keys no rule matched.
+    """
+    pairs: dict[str, FactorPair] = {}
+    unmatched = []
+    for key, tensor in tensors.items():
+        for pattern, role in rules:
+            m = pattern.match(key)
+            if m:
+                pair = pairs.setdefault(name_of(m), FactorPair())
+                pair.keys.append(key)
+                if role == "alpha":
+                    pair.alpha = float(tensor.float().reshape(-1)[0])
+                else:
+                    if role.endswith("_emb"):
+                        pair.kind = EMBEDDING
+                    setattr(pair, role.removesuffix("_emb"), tensor)
+                break
+        else:
+            unmatched.append(key)
+    return pairs, unmatched
+
+
+def build_module(
+    name: str, pair: FactorPair, path: Path, scale_of: Callable[[str, int, float | None], float], fan_in_fan_out: bool = False
+) -> LoraModule:
+    """Check one pair's shapes and turn it into a :class:`LoraModule`."""
+    if pair.down is None or pair.up is None:
+        missing = "down/A" if pair.down is None else "up/B"
+        raise FormatError(path, f"module {name}: {missing} factor missing (keys: {', '.join(pair.keys)})")
+    down, up, kind, kernel = pair.down, pair.up, pair.kind, None
+    if pair.kind == EMBEDDING:
+        # PEFT embeddings store A [r, vocab] and B [dim, r]; same algebra as linear, applied transposed.
+        pass
+    elif down.dim() == 4:
+        if up.dim() != 4 or up.shape[2:] != (1, 1):
+            raise ShapeError(path, f"module {name}: conv LoRA up factor has shape {list(up.shape)}, expected [out, r, 1, 1]")
+        kind, kernel = CONV, tuple(down.shape[2:])
+        down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], up.shape[1])
+    elif down.dim() != 2 or up.dim() != 2:
+        raise ShapeError(path, f"module {name}: factors of shape {list(down.shape)} and {list(up.shape)} are not matrices")
+    if down.shape[0] != up.shape[1]:
+        raise ShapeError(path, f"module {name}: rank mismatch, A is {list(pair.down.shape)} but B is {list(pair.up.shape)}")
+    r = down.shape[0]
+    return LoraModule(
+        name=name,
+        A=down,
+        B=up,
+        scale=scale_of(name, r, pair.alpha),
+        fan_in_fan_out=fan_in_fan_out and kind == LINEAR,
+        kind=kind,
+        kernel=kernel,
+        alpha=pair.alpha,
+    )
+
+
+def pattern_value(patterns: dict | None, name: str, default):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key matching a suffix of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def peft_scale(config: dict) -> Callable[[str, int, float | None], float]:
+    """Scale rule of a PEFT LoRA config: ``alpha / r`` or ``alpha / sqrt(r)`` with per-module patterns."""
+
+    def scale_of(name: str, r: int, _alpha: float | None) -> float:
+        alpha = float(pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
+        return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+    return scale_of
+
+
+def stored_alpha_scale(_name: str, r: int, alpha: float | None) -> float:
+    """kohya's rule: ``alpha / r`` with the alpha stored beside the factors, ``alpha = r`` when absent."""
+    return (alpha if alpha is not None else r) / r
+
+
+def reject_unknown(path: Path, keys: list[str], what: str) -> None:
+    if keys:
+        shown = ", ".join(sorted(keys)[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+        raise FormatError(path, f"{len(keys)} unknown {what} key(s): {shown}")
+
+
+def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise FormatError(path, f"NaN/Inf values in {len(bad)} tensor(s): {', '.join(sorted(bad)[:5])}")
+
+
+def dtype_name(tensors: dict[str, torch.Tensor]) -> str:
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
+    return ",".join(dtypes) or "none"

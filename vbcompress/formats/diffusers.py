@@ -1,0 +1,74 @@
+"""diffusers LoRA files: PEFT-style keys without the ``base_model.model.`` prefix (config possibly in the
+safetensors metadata ``lora_adapter_metadata``), and the legacy attention-processor layout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..adapter import natural_key, Adapter
+from ..errors import FormatError
+from .common import build_module, dtype_name, match_keys, peft_scale, reject_unknown, stored_alpha_scale
+
+RULES = [
+    (re.compile(r"^(?P<name>.+)\.lora_A\.weight$"), "down"),
+    (re.compile(r"^(?P<name>.+)\.lora_B\.weight$"), "up"),
+    (re.compile(r"^(?P<name>.+)\.alpha$"), "alpha"),
+]
+# Legacy attention processors: `<block>.processor.to_q_lora.down.weight` adapts `<block>.to_q`;
+# `to_out_lora` adapts `to_out.0`. LoRACompatibleLinear writes `<module>.lora.down.weight`.
+LEGACY_RULES = [
+    (re.compile(r"^(?P<name>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.down\.weight$"), "down"),
+    (re.compile(r"^(?P<name>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.up\.weight$"), "up"),
+    (re.compile(r"^(?P<name>.+)\.lora(_linear_layer)?\.down\.weight$"), "down"),
+    (re.compile(r"^(?P<name>.+)\.lora(_linear_layer)?\.up\.weight$"), "up"),
+    (re.compile(r"^(?P<name>.+?)(\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora|\.lora(_linear_layer)?)?\.alpha$"), "alpha"),
+]
+
+
+def _legacy_name(m: re.Match) -> str:
+    proj = m.groupdict().get("proj")
+    if not proj:
+        return m["name"]
+    return f"{m['name']}.{proj}.0" if proj == "to_out" else f"{m['name']}.{proj}"
+
+
+def is_legacy(keys) -> bool:
+    return any(".processor." in k or ".lora.down." in k or ".lora_linear_layer." in k for k in keys)
+
+
+def read_diffusers(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> Adapter:
+    """Build an :class:`Adapter` from a diffusers LoRA state dict (either layout)."""
+    config = {}
+    if "lora_adapter_metadata" in metadata:
+        try:
+            config = json.loads(metadata["lora_adapter_metadata"])
+        except json.JSONDecodeError as e:
+            raise FormatError(path, f"invalid lora_adapter_metadata JSON in safetensors header ({e})") from None
+    if is_legacy(tensors):
+        pairs, unknown = match_keys(tensors, LEGACY_RULES, _legacy_name)
+        source_format = "diffusers-legacy"
+    else:
+        pairs, unknown = match_keys(tensors, RULES)
+        source_format = "diffusers"
+    reject_unknown(path, unknown, "diffusers")
+    if not pairs:
+        raise FormatError(path, "no LoRA tensors found")
+    # Without a config diffusers uses the stored network alpha, or alpha = r (scale 1).
+    scale_of = peft_scale(config) if config else stored_alpha_scale
+
+    modules = {name: build_module(name, pair, path, scale_of) for name, pair in sorted(pairs.items(), key=lambda kv: natural_key(kv[0]))}
+    return Adapter(
+        modules=modules,
+        source_format=source_format,
+        base_model=config.get("base_model_name_or_path"),
+        task_type=config.get("task_type"),
+        target_modules=config.get("target_modules"),
+        dtype=dtype_name(tensors),
+        config=config,
+        source=str(path),
+    )

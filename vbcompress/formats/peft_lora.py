@@ -1,0 +1,106 @@
+"""PEFT LoRA: ``adapter_config.json`` + ``adapter_model.safetensors`` (or a legacy ``adapter_model.bin``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..adapter import natural_key, EMBEDDING, Adapter, LoraModule
+from ..files import save_tensors, write_json
+from ..errors import FormatError
+from .common import build_module, dtype_name, match_keys, peft_scale, reject_unknown
+
+PREFIX = "base_model.model."
+RULES = [
+    (re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_A\.weight$"), "down"),
+    (re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_B\.weight$"), "up"),
+    (re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_embedding_A$"), "down_emb"),
+    (re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_embedding_B$"), "up_emb"),
+]
+# Parts of a LoRA that are not factors but must travel with it: DoRA magnitudes, LoRA biases.
+CARRIED_LORA_PARTS = re.compile(r"\.(lora_magnitude_vector(\.weight)?|lora_B\.bias)$")
+
+
+def read_peft_lora(tensors: dict[str, torch.Tensor], config: dict, path: Path) -> Adapter:
+    """Build an :class:`Adapter` from a PEFT LoRA state dict and its config."""
+    pairs, rest = match_keys(tensors, RULES)
+    unknown = [k for k in rest if "lora_" in k and not CARRIED_LORA_PARTS.search(k)]
+    reject_unknown(path, unknown, "LoRA")
+    if not pairs:
+        raise FormatError(path, "no lora_A/lora_B tensors found")
+    scale_of = peft_scale(config)
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    modules = {name: build_module(name, pair, path, scale_of, fan_in_fan_out) for name, pair in sorted(pairs.items(), key=lambda kv: natural_key(kv[0]))}
+    return Adapter(
+        modules=modules,
+        carried={k: tensors[k] for k in rest if k not in unknown},
+        source_format="peft",
+        base_model=config.get("base_model_name_or_path"),
+        task_type=config.get("task_type"),
+        target_modules=config.get("target_modules"),
+        modules_to_save=config.get("modules_to_save"),
+        dtype=dtype_name(tensors),
+        config=config,
+        source=str(path),
+    )
+
+
+def target_modules_for(adapter: Adapter):
+    """The source's ``target_modules`` when it was PEFT, else the exact module names (always correct)."""
+    if adapter.source_format in ("peft", "vblora") and adapter.target_modules:
+        return adapter.target_modules
+    return sorted(adapter.modules)
+
+
+def lora_config(adapter: Adapter, modules: dict[str, LoraModule]) -> dict:
+    """A PEFT ``LoraConfig`` dict for ``modules``; scale is written as ``lora_alpha = scale · r`` per module."""
+    ranks = [m.r for m in modules.values()]
+    r = max(set(ranks), key=ranks.count)
+    # Keys are regexes to PEFT: escape the exact module names.
+    rank_pattern = {re.escape(name): m.r for name, m in modules.items() if m.r != r}
+    alphas = {name: m.scale * m.r for name, m in modules.items()}
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    alpha_pattern = {re.escape(name): a for name, a in alphas.items() if a != alpha}
+    fan = {m.fan_in_fan_out for m in modules.values() if m.kind != EMBEDDING}
+    return {
+        "peft_type": "LORA",
+        "task_type": adapter.task_type,
+        "base_model_name_or_path": adapter.base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": False,
+        "target_modules": target_modules_for(adapter),
+        "fan_in_fan_out": fan == {True},
+        "modules_to_save": adapter.modules_to_save,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": bool(adapter.config.get("use_dora")),
+        "lora_bias": bool(adapter.config.get("lora_bias")),
+    }
+
+
+def write_peft_lora(adapter: Adapter, out: Path, dtype: torch.dtype | None = None) -> None:
+    """Write ``adapter``'s modules and carried tensors as a PEFT LoRA into the directory ``out``.
+
+    ``dtype`` casts the factors (default: keep each tensor's dtype).
+    """
+    if len({m.fan_in_fan_out for m in adapter.modules.values() if m.kind != EMBEDDING}) > 1:
+        raise FormatError(adapter.source, "PEFT has one fan_in_fan_out per adapter; this one mixes both layouts")
+    tensors = {}
+    for name, m in adapter.modules.items():
+        a, b = (m.A, m.B) if dtype is None else (m.A.to(dtype), m.B.to(dtype))
+        if m.kind == EMBEDDING:
+            tensors[f"{PREFIX}{name}.lora_embedding_A"], tensors[f"{PREFIX}{name}.lora_embedding_B"] = a, b
+            continue
+        if m.kernel is not None:
+            a, b = a.reshape(m.r, -1, *m.kernel), b.reshape(*b.shape, 1, 1)
+        tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = a, b
+    tensors.update(adapter.carried)
+    save_tensors(tensors, out / "adapter_model.safetensors")
+    write_json(out / "adapter_config.json", lora_config(adapter, adapter.modules))

@@ -107,3 +107,89 @@ def inspect(path: str, threshold: float, fmt: str | None, as_json: bool) -> None
         click.echo(f"\n{len(info['zero_modules'])} module(s) are all zero (ΔW = 0).")
     if info["nonfinite_modules"]:
         click.echo(f"\nwarning: {len(info['nonfinite_modules'])} module(s) hold NaN/Inf: this adapter is broken.", err=True)
+
+
+def progress_bar():
+    """A stderr progress callback for the bank fit (tqdm), closed by the caller."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, i: int, total: int, rel_error: float) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            for other in bars.values():
+                other.close()
+            bar = bars[stage] = tqdm(total=total, desc=f"{stage:9s}", unit="step", leave=False, file=sys.stderr)
+        bar.n = i
+        bar.set_postfix_str(f"ΔW error {rel_error:.4f}", refresh=False)
+        bar.refresh()
+
+    update.close = lambda: [b.close() for b in bars.values()]
+    return update
+
+
+@main.command()
+@click.argument("src")
+@click.option("-o", "--out", required=True, help="Output directory (a PEFT VB-LoRA adapter).")
+@click.option("--num-vectors", "-N", default=256, show_default=True, type=int, help="Vectors in the bank.")
+@click.option("--vector-length", "-L", default=None, type=int, help="Sub-vector length [default: largest of 256..16 dividing every dim].")
+@click.option("--topk", "-k", default=2, show_default=True, type=int, help="Bank vectors mixed per sub-vector.")
+@click.option("--rank", "-r", default=None, type=int, help="Keep the top R singular directions of every module [default: the adapter's rank].")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--iters", default=20, show_default=True, type=int, help="Alternating assignment/bank iterations.")
+@click.option("--refine-steps", default=300, show_default=True, type=int, help="Adam steps on the exact ΔW error.")
+@click.option("--full-logits", is_flag=True, help="Write full logits instead of the compact top-k layout.")
+@click.option("--bank-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@format_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def lora2vb(src, out, num_vectors, vector_length, topk, rank, device, seed, iters, refine_steps, full_logits, bank_dtype, overwrite, fmt, as_json):
+    """Distill the LoRA at SRC into one vector bank; write a PEFT VB-LoRA adapter and vbcompress.json to OUT."""
+    from .compress import lora2vb as run
+
+    bar = None if as_json else progress_bar()
+    try:
+        report = run(
+            src, out, num_vectors=num_vectors, vector_length=vector_length, topk=topk, rank=rank, device=device,
+            seed=seed, iters=iters, refine_steps=refine_steps, full_logits=full_logits, bank_dtype=bank_dtype,
+            format=fmt, overwrite=overwrite, progress=bar,
+        )  # fmt: skip
+    finally:
+        if bar:
+            bar.close()
+    if as_json:
+        emit_json(report)
+        return
+    b, st, svd = report["bytes"], report["settings"], report["svd_baseline"]
+    click.echo(f"wrote {out}  (N={st['num_vectors']}, L={st['vector_length']}, k={st['topk']}, r={st['rank']})")
+    click.echo(f"size:      {fmt_bytes(b['vb'])} = {b['ratio']:.1%} of the LoRA at fp16 ({fmt_bytes(b['source_fp16'])}); bank {fmt_bytes(b['bank'])}, codes {fmt_bytes(b['codes'])}")
+    if b["carried"]:
+        click.echo(f"carried:   {fmt_bytes(b['carried'])} of non-LoRA tensors (heads), copied as they were")
+    click.echo(f"ΔW error:  {report['total_rel_error']:.4f}  (relative Frobenius, all modules)")
+    click.echo(f"SVD truncation to rank {svd['rank']} at ≤ the same bytes: error {svd['rel_error']:.4f}")
+    if svd["rel_error"] < report["total_rel_error"]:
+        click.echo("note: plain SVD truncation keeps more of this adapter at this size (try `--rank`, a larger N, or calibration).")
+
+
+@main.command(name="eval")
+@click.argument("ref")
+@click.argument("cand")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def eval_cmd(ref: str, cand: str, as_json: bool) -> None:
+    """ΔW error of adapter CAND against adapter REF (any readable formats), per module and in total, and sizes."""
+    from .evaluate import evaluate
+
+    result = evaluate(ref, cand)
+    if as_json:
+        emit_json(result)
+        return
+    rows = [[m["name"], fmt_num(m["ref_norm"]), fmt_num(m["abs_error"]), fmt_num(m["rel_error"], ".4f")] for m in result["delta"]["modules"]]
+    print_table(["module", "|dW_ref|", "|dW_cand - dW_ref|", "rel.error"], rows)
+    d, s = result["delta"], result["sizes"]
+    for what in ("missing", "extra"):
+        if d[what]:
+            click.echo(f"{what} in CAND: {', '.join(d[what])}")
+    click.echo(f"\ntotal ΔW error: {fmt_num(d['total_rel_error'], '.4f')}")
+    click.echo(f"size: REF {fmt_bytes(s['ref_bytes'])} stored ({fmt_bytes(s['ref_fp16_bytes'])} at fp16), CAND {fmt_bytes(s['cand_bytes'])} = {s['ratio_vs_ref_fp16']:.1%} of REF at fp16")

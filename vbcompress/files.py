@@ -106,6 +106,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs: tuple[st
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _default_permissions(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -116,3 +117,12 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs: tuple[st
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     else:
         os.replace(tmp, out)
+
+
+def _default_permissions(root: Path) -> None:
+    """mkdtemp makes private directories; give the output the modes a plain mkdir/open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for p in root.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)

@@ -1,0 +1,334 @@
+"""Weight-space fit of one vector bank to every module of a LoRA.
+
+Each module enters in the balanced gauge (``B' = U√S``, ``A' = √S Vh``, scale folded), where columns of
+``B'`` and rows of ``A'`` are orthogonal with squared norm ``σ_i``. An error ``δ`` in row ``i`` of ``A'``
+then costs exactly ``σ_i‖δ‖²`` of ``‖ΔW' − ΔW‖²_F`` (likewise for column ``i`` of ``B'``), so the first-order
+objective is a σ-weighted sub-vector fit. The fit runs in three stages:
+
+1. **seed** — weighted k-means++ on the sub-vectors, then Lloyd iterations: the bank starts where the
+   objective's mass is, not at random (the role LoRA-GA's SVD start plays for training);
+2. **alternate** — exact top-k assignment (for k=2, the best point on every segment between a near
+   vector and any bank vector; greedy segment steps for k>2) and a closed-form weighted least-squares
+   bank, repeated; dead vectors are re-seeded on the worst-fitted sub-vectors;
+3. **refine** — Adam on the bank and the mixture logits against the exact ΔW error of every module,
+   computed from r×r Gram matrices (no dense ΔW), which also captures the A×B cross terms the
+   first-order objective ignores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapter import VBCode
+from ..linalg import balanced, gram_sq_error
+
+# Elements of the [chunk, candidates, N] scratch tensor in one assignment chunk (≈ 256 MB in float32).
+CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass
+class FitSettings:
+    num_vectors: int = 256
+    vector_length: int = 256
+    topk: int = 2
+    rank: int | None = None
+    iters: int = 30
+    refine_steps: int = 300
+    refine_lr: float = 3e-3
+    candidates: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    init: str = "kmeans++"  # or "random": uniform bank, for ablations
+
+
+@dataclass
+class Problem:
+    """Sub-vectors of all modules in the balanced gauge, laid out as PEFT tiles them."""
+
+    names: list[str]
+    B: list[torch.Tensor]  # balanced [out, r]
+    A: list[torch.Tensor]  # balanced [r, in]
+    U: torch.Tensor  # [S, L] sub-vectors: per module, A's then B's
+    weight: torch.Tensor  # [S] σ of the sub-vector's rank direction
+    spans: list[tuple[int, int, int]] = field(default_factory=list)  # (start, n_A, n_B) per module
+    total_sq: float = 0.0
+
+    def split(self, sub: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B̂ [out, r], Â [r, in]) of module ``i`` from a ``[S, L]`` table of sub-vectors."""
+        start, na, nb = self.spans[i]
+        r = self.A[i].shape[0]
+        a = sub[start : start + na].reshape(r, -1)
+        b = sub[start + na : start + na + nb].reshape(-1, r, sub.shape[1]).transpose(1, 2).reshape(-1, r)
+        return b, a
+
+
+def build_problem(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], length: int, rank: int, device) -> Problem:
+    """Balance every module's ``(B, A)`` (scale folded), keep ``rank`` directions (zero-padded), and tile."""
+    names, Bs, As, subs, weights, spans = [], [], [], [], [], []
+    start, total = 0, 0.0
+    for name, (B, A) in factors.items():
+        b, a, s = balanced(B, A, rank)
+        pad = rank - a.shape[0]
+        if pad > 0:
+            a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+            s = torch.cat([s, s.new_zeros(pad)])
+        a, b, s = a.to(device), b.to(device), s.float().to(device)
+        sub_a = a.reshape(-1, length)
+        sub_b = b.reshape(-1, length, rank).transpose(1, 2).reshape(-1, length)
+        names.append(name)
+        Bs.append(b)
+        As.append(a)
+        subs += [sub_a, sub_b]
+        weights += [s.repeat_interleave(a.shape[1] // length), s.repeat(b.shape[0] // length)]
+        spans.append((start, sub_a.shape[0], sub_b.shape[0]))
+        start += sub_a.shape[0] + sub_b.shape[0]
+        total += float(s.double().square().sum())
+    return Problem(names, Bs, As, torch.cat(subs), torch.cat(weights), spans, total)
+
+
+def seed_bank(U: torch.Tensor, w: torch.Tensor, n: int, gen: torch.Generator, lloyd: int = 5) -> torch.Tensor:
+    """Weighted k-means++ seeding (D² sampling with weights ``w``) and a few weighted Lloyd steps."""
+    S = U.shape[0]
+    if S <= n:
+        extra = U[torch.randint(S, (n - S,), generator=gen, device="cpu").to(U.device)]
+        noise = torch.randn(extra.shape, generator=gen).to(U.device) * U.std() * 0.1
+        return torch.cat([U, extra + noise]).clone()
+    mass = w.clamp_min(0) + 1e-12
+    first = int(torch.multinomial(mass.cpu(), 1, generator=gen))
+    centers = [U[first]]
+    d2 = (U - U[first]).square().sum(1)
+    # Seed in blocks so huge problems stay fast: each draw samples several centres from the same D².
+    while len(centers) < n:
+        take = min(n - len(centers), max(1, n // 64))
+        p = (mass * d2).clamp_min(0).cpu().double()
+        if p.sum() <= 0:
+            p = torch.ones_like(p)
+        idx = torch.multinomial(p, take, replacement=False, generator=gen).to(U.device)
+        for i in idx.tolist():
+            centers.append(U[i])
+        new = U[idx]
+        d2 = torch.minimum(d2, torch.cdist(U, new).square().min(1).values)
+    bank = torch.stack(centers)
+    for _ in range(lloyd):
+        assign = nearest(U, bank)
+        num = torch.zeros_like(bank).index_add_(0, assign, U * w[:, None])
+        den = torch.zeros(n, device=U.device).index_add_(0, assign, w)
+        used = den > 0
+        bank[used] = num[used] / den[used, None]
+    return bank
+
+
+def nearest(U: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(U.shape[0], dtype=torch.long, device=U.device)
+    nb = bank.square().sum(1)
+    step = max(1, CHUNK_ELEMENTS // bank.shape[0])
+    for s in range(0, U.shape[0], step):
+        u = U[s : s + step]
+        out[s : s + step] = (nb[None] - 2 * u @ bank.T).argmin(1)
+    return out
+
+
+def assign(U: torch.Tensor, bank: torch.Tensor, k: int, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best convex combination of ``k`` distinct bank vectors for every sub-vector: (indices, weights) ``[S, k]``.
+
+    k=1: nearest vector. k=2: for the ``candidates`` nearest vectors i, the best point of every segment
+    [b_i, b_j] over all j, exactly. k>2: extend greedily, each step the best segment from the current
+    point to a new vector.
+    """
+    S, n = U.shape[0], bank.shape[0]
+    G = bank @ bank.T
+    nb = G.diagonal()
+    idx = torch.empty(S, k, dtype=torch.long, device=U.device)
+    wts = torch.empty(S, k, device=U.device)
+    m = min(candidates, n)
+    step = max(1, CHUNK_ELEMENTS // (m * n))
+    for s in range(0, S, step):
+        u = U[s : s + step]
+        P = u @ bank.T  # [c, N]
+        nu = u.square().sum(1)
+        d = nb[None] - 2 * P  # ‖u − b‖² − ‖u‖²
+        if k == 1:
+            idx[s : s + step, 0] = d.argmin(1)
+            wts[s : s + step, 0] = 1
+            continue
+        cand = d.topk(m, dim=1, largest=False).indices  # [c, m]
+        Pi = P.gather(1, cand)  # u·b_i
+        Gi = G[cand]  # [c, m, N] b_i·b_j
+        nbi = nb[cand]
+        ee = (nu[:, None] - 2 * Pi + nbi)[..., None]  # ‖u − b_i‖²
+        ef = P[:, None, :] - Pi[..., None] - Gi + nbi[..., None]  # (u − b_i)·(b_j − b_i)
+        ff = nb[None, None, :] - 2 * Gi + nbi[..., None]  # ‖b_j − b_i‖²
+        t = (ef / ff.clamp_min(1e-20)).clamp(0, 1)
+        err = ee - 2 * t * ef + t.square() * ff
+        err.scatter_(2, cand[..., None], float("inf"))  # j must differ from i
+        flat = err.reshape(err.shape[0], -1).argmin(1)
+        ci, j = flat // n, flat % n
+        rows = torch.arange(len(flat), device=U.device)
+        i = cand[rows, ci]
+        tt = t[rows, ci, j]
+        cur_idx = [i, j]
+        cur_w = [1 - tt, tt]
+        for _ in range(2, k):
+            # current point c = Σ w b; add j on the segment [c, b_j]
+            W = torch.stack(cur_w, 1)
+            I = torch.stack(cur_idx, 1)
+            cP = (W * P.gather(1, I)).sum(1)  # u·c
+            cG = (W[..., None] * G[I]).sum(1)  # c·b_j  [c, N]
+            cc = (W[:, :, None] * W[:, None, :] * G[I[:, :, None], I[:, None, :]]).sum((1, 2))
+            ee = nu - 2 * cP + cc
+            ef = P - cP[:, None] - cG + cc[:, None]
+            ff = nb[None] - 2 * cG + cc[:, None]
+            t = (ef / ff.clamp_min(1e-20)).clamp(0, 1)
+            err = ee[:, None] - 2 * t * ef + t.square() * ff
+            err.scatter_(1, I, float("inf"))
+            j = err.argmin(1)
+            tt = t[rows, j]
+            cur_w = [w_ * (1 - tt) for w_ in cur_w] + [tt]
+            cur_idx.append(j)
+        idx[s : s + step] = torch.stack(cur_idx, 1)
+        wts[s : s + step] = torch.stack(cur_w, 1)
+    return idx, wts
+
+
+def solve_bank(U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, old: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """Closed-form bank minimising ``Σ_s w_s ‖u_s − Σ_k wts_sk · bank[idx_sk]‖²`` for fixed codes."""
+    n, k = old.shape[0], idx.shape[1]
+    M = torch.zeros(n * n, dtype=torch.float64, device=U.device)
+    R = torch.zeros(n, U.shape[1], dtype=torch.float64, device=U.device)
+    cw = wts.double() * w.double()[:, None]
+    for a in range(k):
+        R.index_add_(0, idx[:, a], cw[:, a : a + 1] * U.double())
+        for b in range(k):
+            M.index_add_(0, idx[:, a] * n + idx[:, b], cw[:, a] * wts[:, b].double())
+    M = M.reshape(n, n)
+    lam = ridge * (M.diagonal().mean() + 1e-30)
+    M.diagonal().add_(lam)
+    bank = torch.linalg.solve(M, R + lam * old.double())
+    return bank.float()
+
+
+def reseed_dead(bank: torch.Tensor, U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, gen) -> int:
+    """Move bank vectors no sub-vector uses onto the worst-fitted sub-vectors; returns how many moved."""
+    used = torch.zeros(bank.shape[0], dtype=torch.bool, device=bank.device)
+    used[idx[wts > 1e-4]] = True
+    dead = (~used).nonzero().flatten()
+    if len(dead) == 0:
+        return 0
+    resid = w * (U - (wts[..., None] * bank[idx]).sum(1)).square().sum(1)
+    worst = resid.topk(min(len(dead), len(resid))).indices
+    bank[dead[: len(worst)]] = U[worst]
+    return len(worst)
+
+
+def exact_error(problem: Problem, sub: torch.Tensor) -> torch.Tensor:
+    """``Σ_m ‖B̂_m Â_m − B'_m A'_m‖²_F`` for a table of sub-vectors (differentiable)."""
+    total = sub.new_zeros(())
+    for i in range(len(problem.names)):
+        b, a = problem.split(sub, i)
+        total = total + gram_sq_error(b, a, problem.B[i], problem.A[i])
+    return total
+
+
+@dataclass
+class FitResult:
+    bank: torch.Tensor  # [N, L]
+    codes: dict[str, VBCode]
+    rel_error: float  # ‖ΔW' − ΔW‖_F / ‖ΔW‖_F over all modules (at the kept rank)
+    history: list[tuple[str, float]]
+
+
+def fit_bank(
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    settings: FitSettings,
+    progress: Callable[[str, int, int, float], None] | None = None,
+) -> FitResult:
+    """Fit one bank to all modules. ``factors``: name → ``(B [out, r], A [r, in])`` with the scale folded."""
+    device = torch.device(settings.device)
+    gen = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    L, n, k = settings.vector_length, settings.num_vectors, settings.topk
+    rank = settings.rank or max(A.shape[0] for _, A in factors.values())
+    prob = build_problem(factors, L, rank, device)
+    U, w = prob.U, prob.weight
+    history: list[tuple[str, float]] = []
+
+    def rel(err_sq: float) -> float:
+        return math.sqrt(max(err_sq, 0.0) / prob.total_sq) if prob.total_sq > 0 else 0.0
+
+    def note(stage: str, i: int, total: int, err_sq: float) -> None:
+        history.append((stage, rel(err_sq)))
+        if progress:
+            progress(stage, i, total, rel(err_sq))
+
+    def exact(bank, idx, wts) -> float:
+        with torch.no_grad():
+            return float(exact_error(prob, (wts[..., None] * bank[idx]).sum(1)))
+
+    if settings.init == "random":
+        bound = float(U.abs().max())
+        bank = (torch.rand(n, L, generator=gen) * 2 - 1).to(device) * bound
+    else:
+        bank = seed_bank(U, w, n, gen)
+    idx, wts = assign(U, bank, k, settings.candidates)
+    best = (exact(bank, idx, wts), bank.clone(), idx, wts)
+    note("seed", 0, settings.iters, best[0])
+    for it in range(settings.iters):
+        bank = solve_bank(U, w, idx, wts, bank)
+        reseed_dead(bank, U, w, idx, wts, gen)
+        idx, wts = assign(U, bank, k, settings.candidates)
+        err = exact(bank, idx, wts)
+        note("alternate", it + 1, settings.iters, err)
+        if err < best[0]:
+            best = (err, bank.clone(), idx, wts)
+    _, bank, idx, wts = best
+
+    bank, wts = refine(prob, bank, idx, wts, settings, note)
+    err = exact(bank, idx, wts)
+    codes = {}
+    for i, name in enumerate(prob.names):
+        start, na, nb = prob.spans[i]
+        out_tiles = nb // rank
+        sl_a, sl_b = slice(start, start + na), slice(start + na, start + na + nb)
+        codes[name] = VBCode(
+            indices_A=idx[sl_a].reshape(rank, -1, k).cpu(),
+            weights_A=wts[sl_a].reshape(rank, -1, k).cpu(),
+            indices_B=idx[sl_b].reshape(out_tiles, rank, k).cpu(),
+            weights_B=wts[sl_b].reshape(out_tiles, rank, k).cpu(),
+        )
+    return FitResult(bank=bank.cpu(), codes=codes, rel_error=rel(err), history=history)
+
+
+def refine(prob: Problem, bank, idx, wts, settings: FitSettings, note) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam on bank and mixture logits (support fixed) against the exact summed ΔW error."""
+    if settings.refine_steps <= 0:
+        return bank, wts
+    bank_p = bank.clone().requires_grad_(True)
+    logits = wts.clamp_min(1e-6).log().requires_grad_(settings.topk > 1)
+    # Adam steps are absolute: scale the bank's by its magnitude; logits live on an O(1) scale.
+    groups = [{"params": [bank_p], "lr": settings.refine_lr * (bank.abs().mean().item() + 1e-12)}]
+    if settings.topk > 1:
+        groups.append({"params": [logits], "lr": settings.refine_lr * 10})
+    opt = torch.optim.Adam(groups)
+    best_err, best = None, (bank, wts)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.refine_steps)
+    for step in range(settings.refine_steps + 1):
+        sub = (torch.softmax(logits, -1)[..., None] * bank_p[idx]).sum(1)
+        loss = exact_error(prob, sub)
+        err = loss.item()
+        if best_err is None or err < best_err:
+            best_err, best = err, (bank_p.detach().clone(), torch.softmax(logits, -1).detach().clone())
+        if step == settings.refine_steps:
+            break
+        opt.zero_grad()
+        (loss / prob.total_sq).backward()
+        opt.step()
+        sched.step()
+        if step % 25 == 0:
+            note("refine", step, settings.refine_steps, err)
+    note("refine", settings.refine_steps, settings.refine_steps, best_err)
+    return best

@@ -106,9 +106,8 @@ def lora2vb(
         iters=iters, refine_steps=refine_steps, seed=seed, device=dev,
     )  # fmt: skip
     factors = {name: m.folded() for name, m in source.modules.items()}
-    # CUDA scatter/index kernels are only reproducible in deterministic mode.
-    guard = deterministic() if dev == "cuda" else contextlib.nullcontext()
-    with guard:
+    # Gather-backward and index kernels accumulate in parallel; only deterministic mode makes runs repeatable.
+    with deterministic():
         fit = fit_bank(factors, settings, progress)
     bank = fit.bank.to(getattr(torch, bank_dtype))
     codes = {name: canonical_code(code) for name, code in fit.codes.items()}

@@ -102,5 +102,6 @@ def write_peft_lora(adapter: Adapter, out: Path, dtype: torch.dtype | None = Non
             a, b = a.reshape(m.r, -1, *m.kernel), b.reshape(*b.shape, 1, 1)
         tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = a, b
     tensors.update(adapter.carried)
+    out.mkdir(parents=True, exist_ok=True)
     save_tensors(tensors, out / "adapter_model.safetensors")
     write_json(out / "adapter_config.json", lora_config(adapter, adapter.modules))

@@ -170,5 +170,6 @@ def write_vblora(adapter: Adapter, out: Path, full_logits: bool = False) -> None
     config = vblora_config(adapter, vb, full_logits)
     tensors = vblora_tensors(vb, full_logits)
     tensors.update(adapter.carried)
+    out.mkdir(parents=True, exist_ok=True)
     save_tensors(tensors, out / "adapter_model.safetensors")
     write_json(out / "adapter_config.json", config)

@@ -193,3 +193,7 @@ def eval_cmd(ref: str, cand: str, as_json: bool) -> None:
             click.echo(f"{what} in CAND: {', '.join(d[what])}")
     click.echo(f"\ntotal ΔW error: {fmt_num(d['total_rel_error'], '.4f')}")
     click.echo(f"size: REF {fmt_bytes(s['ref_bytes'])} stored ({fmt_bytes(s['ref_fp16_bytes'])} at fp16), CAND {fmt_bytes(s['cand_bytes'])} = {s['ratio_vs_ref_fp16']:.1%} of REF at fp16")
+
+
+if __name__ == "__main__":
+    main()

@@ -26,8 +26,8 @@ import torch
 from ..adapter import VBCode
 from ..linalg import balanced, gram_sq_error
 
-# Elements of the [chunk, candidates, N] scratch tensor in one assignment chunk (≈ 256 MB in float32).
-CHUNK_ELEMENTS = 1 << 26
+# Elements of the [chunk, candidates, partners] scratch tensors in one assignment chunk (64 MB each in float32).
+CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -40,6 +40,7 @@ class FitSettings:
     refine_steps: int = 300
     refine_lr: float = 3e-3
     candidates: int = 8
+    partners: int | None = 128  # second-vector search width (None: the whole bank)
     seed: int = 0
     device: str = "cpu"
     init: str = "kmeans++"  # or "random": uniform bank, for ablations
@@ -133,11 +134,13 @@ def nearest(U: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def assign(U: torch.Tensor, bank: torch.Tensor, k: int, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+def assign(
+    U: torch.Tensor, bank: torch.Tensor, k: int, candidates: int, partners: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Best convex combination of ``k`` distinct bank vectors for every sub-vector: (indices, weights) ``[S, k]``.
 
     k=1: nearest vector. k=2: for the ``candidates`` nearest vectors i, the best point of every segment
-    [b_i, b_j] over all j, exactly. k>2: extend greedily, each step the best segment from the current
+    [b_i, b_j] over the ``partners`` nearest j (all N when None), exactly. k>2: extend greedily, each step the best segment from the current
     point to a new vector.
     """
     S, n = U.shape[0], bank.shape[0]
@@ -146,7 +149,8 @@ def assign(U: torch.Tensor, bank: torch.Tensor, k: int, candidates: int) -> tupl
     idx = torch.empty(S, k, dtype=torch.long, device=U.device)
     wts = torch.empty(S, k, device=U.device)
     m = min(candidates, n)
-    step = max(1, CHUNK_ELEMENTS // (m * n))
+    mj = n if partners is None else max(m, min(partners, n))
+    step = max(1, CHUNK_ELEMENTS // (m * mj))
     for s in range(0, S, step):
         u = U[s : s + step]
         P = u @ bank.T  # [c, N]
@@ -156,21 +160,22 @@ def assign(U: torch.Tensor, bank: torch.Tensor, k: int, candidates: int) -> tupl
             idx[s : s + step, 0] = d.argmin(1)
             wts[s : s + step, 0] = 1
             continue
-        cand = d.topk(m, dim=1, largest=False).indices  # [c, m]
-        Pi = P.gather(1, cand)  # u·b_i
-        Gi = G[cand]  # [c, m, N] b_i·b_j
-        nbi = nb[cand]
+        near = d.topk(mj, dim=1, largest=False).indices  # [c, J] partners; the first m are the candidates
+        cand = near[:, :m]
+        Pi, Pj = P.gather(1, cand), P.gather(1, near)  # u·b_i, u·b_j
+        Gij = G[cand[:, :, None], near[:, None, :]]  # [c, m, J] b_i·b_j
+        nbi, nbj = nb[cand], nb[near]
         ee = (nu[:, None] - 2 * Pi + nbi)[..., None]  # ‖u − b_i‖²
-        ef = P[:, None, :] - Pi[..., None] - Gi + nbi[..., None]  # (u − b_i)·(b_j − b_i)
-        ff = nb[None, None, :] - 2 * Gi + nbi[..., None]  # ‖b_j − b_i‖²
+        ef = Pj[:, None, :] - Pi[..., None] - Gij + nbi[..., None]  # (u − b_i)·(b_j − b_i)
+        ff = nbj[:, None, :] - 2 * Gij + nbi[..., None]  # ‖b_j − b_i‖²
         t = (ef / ff.clamp_min(1e-20)).clamp(0, 1)
-        err = ee - 2 * t * ef + t.square() * ff
-        err.scatter_(2, cand[..., None], float("inf"))  # j must differ from i
+        err = ee - t * (2 * ef - t * ff)
+        err[:, torch.arange(m), torch.arange(m)] = float("inf")  # j must differ from i
         flat = err.reshape(err.shape[0], -1).argmin(1)
-        ci, j = flat // n, flat % n
+        ci, cj = flat // mj, flat % mj
         rows = torch.arange(len(flat), device=U.device)
-        i = cand[rows, ci]
-        tt = t[rows, ci, j]
+        i, j = cand[rows, ci], near[rows, cj]
+        tt = t[rows, ci, cj]
         cur_idx = [i, j]
         cur_w = [1 - tt, tt]
         for _ in range(2, k):
@@ -274,13 +279,13 @@ def fit_bank(
         bank = (torch.rand(n, L, generator=gen) * 2 - 1).to(device) * bound
     else:
         bank = seed_bank(U, w, n, gen)
-    idx, wts = assign(U, bank, k, settings.candidates)
+    idx, wts = assign(U, bank, k, settings.candidates, settings.partners)
     best = (exact(bank, idx, wts), bank.clone(), idx, wts)
     note("seed", 0, settings.iters, best[0])
     for it in range(settings.iters):
         bank = solve_bank(U, w, idx, wts, bank)
         reseed_dead(bank, U, w, idx, wts, gen)
-        idx, wts = assign(U, bank, k, settings.candidates)
+        idx, wts = assign(U, bank, k, settings.candidates, settings.partners)
         err = exact(bank, idx, wts)
         note("alternate", it + 1, settings.iters, err)
         if err < best[0]:

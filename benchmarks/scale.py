@@ -1,0 +1,84 @@
+"""Scale: a Llama-2-7B-shaped LoRA (r=16 on q,k,v,o,gate,up,down of 32 layers, 40M parameters) into N=2048.
+
+Each run is a child process timed with its own peak RSS (os.wait4). Baseline, in the same script: loading
+the adapter and SVD-truncating every module (vbcompress eval of the source against itself does the load
+and the factor algebra). Usage: python benchmarks/scale.py [--layers 32] [--iters 20] [--refine-steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SHAPES = {  # module: (out, in)
+    "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
+    "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
+    "mlp.down_proj": (4096, 11008),
+}  # fmt: skip
+
+
+def make_adapter(path: Path, layers: int, r: int = 16) -> int:
+    """Random factors with a decaying spectrum (σ_i ∝ 0.7^i), saved as a PEFT LoRA; returns #params."""
+    gen = torch.Generator().manual_seed(0)
+    tensors, decay = {}, 0.7 ** torch.arange(r, dtype=torch.float32)
+    for layer in range(layers):
+        for name, (out, inp) in SHAPES.items():
+            key = f"base_model.model.model.layers.{layer}.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, inp, generator=gen) / inp**0.5 * decay[:, None]
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, r, generator=gen) / r**0.5 * 0.01
+    path.mkdir(parents=True)
+    save_file(tensors, path / "adapter_model.safetensors")
+    cfg = '{"peft_type": "LORA", "r": %d, "lora_alpha": %d, "target_modules": ["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]}'
+    (path / "adapter_config.json").write_text(cfg % (r, 2 * r))
+    return sum(t.numel() for t in tensors.values())
+
+
+def timed(cmd: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in GiB, stdout) of a child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        raise SystemExit(f"{' '.join(cmd)} failed with status {status}")
+    return time.perf_counter() - start, usage.ru_maxrss / 2**20, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--num-vectors", type=int, default=2048)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--refine-steps", type=int, default=300)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    cli = [sys.executable, "-m", "vbcompress.cli"]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "llama7b-like"
+        params = make_adapter(src, args.layers)
+        base_t, base_rss, _ = timed(cli + ["eval", str(src), str(src), "--json"])
+        fit_t, fit_rss, out = timed(
+            cli + ["lora2vb", str(src), "-o", str(Path(tmp) / "vb"), "-N", str(args.num_vectors), "--iters", str(args.iters),
+                   "--refine-steps", str(args.refine_steps), "--device", args.device, "--json"]
+        )  # fmt: skip
+        import json
+
+        report = json.loads(out)
+    print(f"adapter: {args.layers} layers, {params / 1e6:.1f}M LoRA parameters, N={args.num_vectors}, L=256, k=2, device={args.device}")
+    print("| run | wall time | peak RSS | ratio to baseline time |")
+    print("|---|---|---|---|")
+    print(f"| baseline: load + factor algebra (eval) | {base_t:.1f} s | {base_rss:.2f} GiB | 1.0 |")
+    print(f"| lora2vb (iters={args.iters}, refine={args.refine_steps}) | {fit_t:.1f} s | {fit_rss:.2f} GiB | {fit_t / base_t:.1f} |")
+    print(f"ΔW error {report['total_rel_error']:.4f}, {report['bytes']['vb'] / 1e6:.2f} MB = {report['bytes']['ratio']:.2%} of fp16 LoRA; stages {report['fit_stages']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -195,5 +195,85 @@ def eval_cmd(ref: str, cand: str, as_json: bool) -> None:
     click.echo(f"size: REF {fmt_bytes(s['ref_bytes'])} stored ({fmt_bytes(s['ref_fp16_bytes'])} at fp16), CAND {fmt_bytes(s['cand_bytes'])} = {s['ratio_vs_ref_fp16']:.1%} of REF at fp16")
 
 
+def rank_value(value: str | None):
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither an integer nor 'auto'") from None
+
+
+def print_rank_report(report: dict, out: str) -> None:
+    rows = [[m["name"], m["source_rank"], m["rank"], f"{m['retained_fro']:.1%}", f"{m['retained_sigma']:.1%}"] for m in report["modules"]]
+    print_table(["module", "r in", "r out", "kept ‖ΔW‖_F", "kept Σσ"], rows)
+    click.echo(f"\nwrote {out}: kept {report['retained_fro']:.2%} of ‖ΔW‖_F (ΔW error {report['rel_error']:.4f}); "
+               f"{fmt_bytes(report['bytes_before'])} → {fmt_bytes(report['bytes_after'])}")
+
+
+RULE_HELP = (
+    "Rank rule for --rank auto: sara = smallest k with Σσ≤k ≥ X·Σσ; fro = Σσ²≤k ≥ X²·Σσ² (X: share of ‖ΔW‖_F kept); "
+    "ratio = keep σ_i > σ_max / X."
+)
+
+
+def dense_options(f):
+    for option in reversed([
+        click.option("-o", "--out", required=True, help="Output directory (a PEFT LoRA)."),
+        click.option("--rule", default="sara", show_default=True, type=click.Choice(["sara", "fro", "ratio"]), help=RULE_HELP),
+        click.option("--threshold", default=0.9, show_default=True, type=float, help="X of the rank rule."),
+        click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "float32", "float16", "bfloat16"])),
+        click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
+        format_option,
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ]):
+        f = option(f)
+    return f
+
+
+def run_dense(src, out, rank, rule, threshold, dtype, overwrite, fmt, as_json):
+    from .dense import to_lora
+
+    report = to_lora(src, out, rank=rank_value(rank), rule=rule, threshold=threshold, dtype=dtype, format=fmt, overwrite=overwrite)
+    emit_json(report) if as_json else print_rank_report(report, out)
+
+
+@main.command()
+@click.argument("src")
+@click.option("--rank", default=None, help="Integer cap for every module, or 'auto' (per-module by --rule) [default: full rank, exact].")
+@dense_options
+def vb2lora(src, out, rank, rule, threshold, dtype, overwrite, fmt, as_json):
+    """Convert any readable adapter at SRC (VB-LoRA, LoRA, kohya, diffusers) to a dense PEFT LoRA in OUT."""
+    run_dense(src, out, rank, rule, threshold, dtype, overwrite, fmt, as_json)
+
+
+@main.command()
+@click.argument("src")
+@click.option("--rank", required=True, help="Integer cap for every module, or 'auto' (per-module by --rule).")
+@dense_options
+def resize(src, out, rank, rule, threshold, dtype, overwrite, fmt, as_json):
+    """Lower the rank of the LoRA at SRC without retraining (also rank-2r LoRA-GA checkpoints)."""
+    run_dense(src, out, rank, rule, threshold, dtype, overwrite, fmt, as_json)
+
+
+@main.command()
+@click.option("--base", required=True, help="Base model directory (model.safetensors or sharded with an index).")
+@click.option("--adapter", "adapter_src", required=True, help="Adapter to fold in (LoRA, VB-LoRA, kohya, diffusers).")
+@click.option("-o", "--out", required=True, help="Output model directory.")
+@click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "float16", "bfloat16", "float32"]))
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def merge(base, adapter_src, out, dtype, overwrite, as_json):
+    """Fold an adapter into base weights shard by shard and write a full model to OUT."""
+    from .merge import merge as run
+
+    report = run(base, adapter_src, out, dtype=dtype, overwrite=overwrite)
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(f"wrote {out}: {report['merged_modules']} weights merged, {report['replaced_tensors']} replaced by the adapter's heads, "
+               f"{report['shards']} shard(s), {len(report['copied_files'])} other file(s) copied")
+
+
 if __name__ == "__main__":
     main()

@@ -106,8 +106,8 @@ def lora2vb(
         iters=iters, refine_steps=refine_steps, seed=seed, device=dev,
     )  # fmt: skip
     factors = {name: m.folded() for name, m in source.modules.items()}
-    # Gather-backward and index kernels accumulate in parallel; only deterministic mode makes runs repeatable.
-    with deterministic():
+    # CUDA's index_add/scatter kernels accumulate with atomics: only deterministic mode makes runs repeatable.
+    with deterministic() if dev == "cuda" else contextlib.nullcontext():
         fit = fit_bank(factors, settings, progress)
     bank = fit.bank.to(getattr(torch, bank_dtype))
     codes = {name: canonical_code(code) for name, code in fit.codes.items()}

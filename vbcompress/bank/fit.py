@@ -230,6 +230,26 @@ def reseed_dead(bank: torch.Tensor, U: torch.Tensor, w: torch.Tensor, idx: torch
     return len(worst)
 
 
+class Mix(torch.autograd.Function):
+    """``sub[s] = Σ_k w[s, k] · bank[idx[s, k]]`` with a hand-written backward.
+
+    Autograd's gather-backward accumulates in parallel (run-to-run differences on CPU) and torch's
+    deterministic mode makes it very slow; ``index_add_`` on CPU is sequential and fast.
+    """
+
+    @staticmethod
+    def forward(ctx, bank: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(bank, w, idx)
+        return (w[..., None] * bank[idx]).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        bank, w, idx = ctx.saved_tensors
+        grad_bank = torch.zeros_like(bank).index_add_(0, idx.reshape(-1), (w[..., None] * grad[:, None, :]).reshape(-1, bank.shape[1]))
+        grad_w = (grad[:, None, :] * bank[idx]).sum(-1) if ctx.needs_input_grad[1] else None
+        return grad_bank, grad_w, None
+
+
 def exact_error(problem: Problem, sub: torch.Tensor) -> torch.Tensor:
     """``Σ_m ‖B̂_m Â_m − B'_m A'_m‖²_F`` for a table of sub-vectors (differentiable)."""
     total = sub.new_zeros(())
@@ -322,7 +342,7 @@ def refine(prob: Problem, bank, idx, wts, settings: FitSettings, note) -> tuple[
     best_err, best = None, (bank, wts)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.refine_steps)
     for step in range(settings.refine_steps + 1):
-        sub = (torch.softmax(logits, -1)[..., None] * bank_p[idx]).sum(1)
+        sub = Mix.apply(bank_p, torch.softmax(logits, -1), idx)
         loss = exact_error(prob, sub)
         err = loss.item()
         if best_err is None or err < best_err:

@@ -1,0 +1,153 @@
+"""``merge``: fold an adapter into base weights, one safetensors shard at a time.
+
+Peak memory is about the largest shard plus the adapter: each shard is opened lazily, its tensors are
+read, the matching ΔW (computed in float32, laid out as the base stores the weight) is added, the shard
+is cast and written, and its memory is released before the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .adapter import Adapter
+from .errors import FormatError, ShapeError, VBCompressError
+from .files import atomic_output_dir, check_safetensors, read_json, save_tensors, write_json
+from .formats import load_adapter
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DTYPES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Other serialisations of the same weights would be stale next to merged shards.
+STALE = ("pytorch_model*.bin", "*.h5", "*.msgpack", "*.onnx", "*.ckpt")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")
+
+
+def base_layout(base: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
+    """(weight name → shard file, weight name → (shape, dtype)) of a transformers/diffusers model dir."""
+    if not base.is_dir():
+        raise FormatError(base, "base model must be a directory")
+    if (base / INDEX).is_file():
+        weight_map = read_json(base / INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FormatError(base / INDEX, "no weight_map")
+    else:
+        candidates = [p for p in (base / SINGLE, *sorted(base.glob("*.safetensors"))) if p.is_file()]
+        if not candidates:
+            raise FormatError(base, "no model.safetensors or model.safetensors.index.json (merge reads safetensors weights)")
+        single = candidates[0]
+        weight_map = {k: single.name for k in check_safetensors(single) if k != "__metadata__"}
+    info = {}
+    for shard in sorted(set(weight_map.values())):
+        path = base / shard
+        if not path.is_file():
+            raise FormatError(path, "shard named in the index is missing")
+        for name, meta in check_safetensors(path).items():
+            if name != "__metadata__":
+                info[name] = (meta["shape"], meta["dtype"])
+    return weight_map, info
+
+
+def resolve_targets(adapter: Adapter, info: dict[str, tuple[list[int], str]], base: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Map every adapter module to the base weight it changes, and carried heads to the weights they replace.
+
+    Tries the exact ``<module>.weight``, then a unique suffix match (adapters saved on a wrapper model),
+    then kohya's underscore names. Raises one error listing every module that does not match.
+    """
+    by_suffix: dict[str, list[str]] = {}
+    kohya: dict[str, str] = {}
+    for key in info:
+        stem = key.removesuffix(".weight")
+        parts = stem.split(".")
+        for i in range(len(parts)):
+            by_suffix.setdefault(".".join(parts[i:]), []).append(key)
+        for prefix in KOHYA_PREFIXES:
+            kohya[prefix + stem.replace(".", "_")] = key
+    targets, problems = {}, []
+    for name, m in adapter.modules.items():
+        key = f"{name}.weight"
+        if key not in info:
+            hits = by_suffix.get(name, []) or by_suffix.get(name.split(".", 1)[-1], [])
+            key = hits[0] if len(hits) == 1 else kohya.get(name)
+            if key is None:
+                problems.append(f"{name} (no weight)" if not hits else f"{name} (ambiguous: {', '.join(hits[:3])})")
+                continue
+        expected = list(m.delta_weight(torch.float32).shape) if m.kind == "conv" else (
+            [m.in_features, m.out_features] if m.transposed else [m.out_features, m.in_features])  # fmt: skip
+        if info[key][0] != expected:
+            problems.append(f"{name} (ΔW {expected} vs {key} {info[key][0]})")
+            continue
+        targets[key] = name
+    replaced = {}
+    for key, t in adapter.carried.items():
+        if "lora_magnitude_vector" in key:
+            raise VBCompressError(adapter.source, "DoRA adapters are not merged by vbcompress (magnitudes need the full weight norm)")
+        plain = key.removeprefix("base_model.model.")
+        if plain in info and list(t.shape) == info[plain][0]:
+            replaced[plain] = key
+        else:
+            problems.append(f"{key} (carried tensor without a base weight of shape {list(t.shape)})")
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; +{len(problems) - 6} more" if len(problems) > 6 else "")
+        raise ShapeError(base, f"{len(problems)} adapter tensor(s) do not match the base model: {shown}")
+    return targets, replaced
+
+
+def merge(base: str | Path, adapter_src: str | Path, out: str | Path, *, dtype: str = "keep", overwrite: bool = False) -> dict:
+    """Write ``base`` with the adapter at ``adapter_src`` folded in to ``out``; returns a short report."""
+    base = Path(base)
+    if dtype not in DTYPES:
+        raise VBCompressError(None, f"--dtype must be one of {', '.join(DTYPES)}")
+    adapter = load_adapter(adapter_src)
+    weight_map, info = base_layout(base)
+    targets, replaced = resolve_targets(adapter, info, base)
+    cast = DTYPES[dtype]
+    shards = sorted(set(weight_map.values()))
+    total_size = 0
+    with atomic_output_dir(out, overwrite=overwrite, inputs=(base, adapter_src)) as tmp:
+        for shard in shards:
+            tensors = {}
+            with safe_open(str(base / shard), framework="pt") as f:
+                metadata = f.metadata()
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    if key in targets:
+                        delta = adapter.modules[targets[key]].delta_weight(torch.float32)
+                        t = (t.float() + delta).to(t.dtype)
+                    elif key in replaced:
+                        t = adapter.carried[replaced[key]].to(t.dtype)
+                    if cast is not None and t.is_floating_point():
+                        t = t.to(cast)
+                    tensors[key] = t
+                    total_size += t.numel() * t.element_size()
+            save_tensors(tensors, tmp / shard, metadata=metadata or {"format": "pt"})
+            del tensors
+        if (base / INDEX).is_file():
+            index = read_json(base / INDEX)
+            index.setdefault("metadata", {})["total_size"] = total_size
+            write_json(tmp / INDEX, index)
+        copied = copy_side_files(base, tmp, set(shards) | {INDEX})
+        if cast is not None and (tmp / "config.json").is_file():
+            config = json.loads((tmp / "config.json").read_text())
+            config["torch_dtype"] = dtype
+            write_json(tmp / "config.json", config)
+    return {"base": str(base), "adapter": str(adapter_src), "out": str(out), "shards": len(shards),
+            "merged_modules": len(targets), "replaced_tensors": len(replaced), "copied_files": copied}  # fmt: skip
+
+
+def copy_side_files(base: Path, dest: Path, skip: set[str]) -> list[str]:
+    """Copy config, tokenizer and other small files (not stale weight files) from ``base`` into ``dest``."""
+    copied = []
+    for p in sorted(base.iterdir()):
+        if p.name in skip or any(p.match(pattern) for pattern in STALE):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dest / p.name)
+        else:
+            shutil.copy2(p, dest / p.name)
+        copied.append(p.name)
+    return copied

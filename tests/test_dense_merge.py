@@ -120,7 +120,9 @@ def test_merge_matches_peft_merge_and_unload(tmp_path, minilm_vb, minilm, which)
     merge(MINILM_BASE, adapter, tmp_path / "merged")
     expected = peft_merged_state(adapter)
     with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
-        for key in f.keys():
+        shared = set(f.keys()) & set(expected)  # the file also holds a legacy position_ids buffer
+        assert {f"{name}.weight" for name in load_adapter(adapter).modules} <= shared
+        for key in shared:
             torch.testing.assert_close(f.get_tensor(key), expected[key], rtol=0, atol=1e-5)
     _, _, batch = minilm
     merged = AutoModel.from_pretrained(tmp_path / "merged").eval()
@@ -174,6 +176,7 @@ def test_sharded_merge_equals_whole_merge(tmp_path, dtype):
 
 
 def test_unmatched_modules_are_listed_and_nothing_is_written(tmp_path):
-    with pytest.raises(ShapeError, match=r"12 adapter tensor\(s\) do not match the base model: transformer\.h\.0\.attn\.c_attn"):
+    # 12 c_attn modules and the carried score head
+    with pytest.raises(ShapeError, match=r"13 adapter tensor\(s\) do not match the base model: transformer\.h\.0\.attn\.c_attn"):
         merge(MINILM_BASE, ADAPTERS / "gpt2-seqcls-cattn", tmp_path / "o")
     assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []

@@ -142,10 +142,14 @@ def progress_bar():
 @click.option("--refine-steps", default=300, show_default=True, type=int, help="Adam steps on the exact ΔW error.")
 @click.option("--full-logits", is_flag=True, help="Write full logits instead of the compact top-k layout.")
 @click.option("--bank-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
+@click.option("--base", default=None, help="Base model directory: after the weight fit, calibrate on the adapter's function.")
+@click.option("--calibration", default=None, help="Calibration text: one sample per line, or JSONL with 'text' [default: data-free].")
+@click.option("--calib-steps", default=200, show_default=True, type=int, help="Calibration optimizer steps.")
+@click.option("--calib-samples", default=256, show_default=True, type=int, help="Calibration samples (1/8 held out for the report).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @format_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def lora2vb(src, out, num_vectors, vector_length, topk, rank, device, seed, iters, refine_steps, full_logits, bank_dtype, overwrite, fmt, as_json):
+def lora2vb(src, out, num_vectors, vector_length, topk, rank, device, seed, iters, refine_steps, full_logits, bank_dtype, base, calibration, calib_steps, calib_samples, overwrite, fmt, as_json):
     """Distill the LoRA at SRC into one vector bank; write a PEFT VB-LoRA adapter and vbcompress.json to OUT."""
     from .compress import lora2vb as run
 
@@ -154,6 +158,7 @@ def lora2vb(src, out, num_vectors, vector_length, topk, rank, device, seed, iter
         report = run(
             src, out, num_vectors=num_vectors, vector_length=vector_length, topk=topk, rank=rank, device=device,
             seed=seed, iters=iters, refine_steps=refine_steps, full_logits=full_logits, bank_dtype=bank_dtype,
+            base=base, calibration=calibration, calib_steps=calib_steps, calib_samples=calib_samples,
             format=fmt, overwrite=overwrite, progress=bar,
         )  # fmt: skip
     finally:
@@ -169,6 +174,11 @@ def lora2vb(src, out, num_vectors, vector_length, topk, rank, device, seed, iter
         click.echo(f"carried:   {fmt_bytes(b['carried'])} of non-LoRA tensors (heads), copied as they were")
     click.echo(f"ΔW error:  {report['total_rel_error']:.4f}  (relative Frobenius, all modules)")
     click.echo(f"SVD truncation to rank {svd['rank']} at ≤ the same bytes: error {svd['rel_error']:.4f}")
+    cal = report["calibration"]
+    if cal and cal["retention_after"]:
+        before, after = cal["retention_before"], cal["retention_after"]
+        click.echo(f"calibrated on {cal['samples'] - cal['heldout_samples']} samples ({cal['data']}); on {cal['heldout_samples']} held-out: "
+                   f"effect retention {before['effect_retention']:.3f} → {after['effect_retention']:.3f}, cosine {after['mean_cosine']:.4f}")
     if svd["rel_error"] < report["total_rel_error"]:
         click.echo("note: plain SVD truncation keeps more of this adapter at this size (try `--rank`, a larger N, or calibration).")
 
@@ -176,12 +186,17 @@ def lora2vb(src, out, num_vectors, vector_length, topk, rank, device, seed, iter
 @main.command(name="eval")
 @click.argument("ref")
 @click.argument("cand")
+@click.option("--base", default=None, help="Base model directory, for effect retention on --data.")
+@click.option("--data", default=None, help="Text inputs (lines or JSONL with 'text') for effect retention.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_cmd(ref: str, cand: str, as_json: bool) -> None:
-    """ΔW error of adapter CAND against adapter REF (any readable formats), per module and in total, and sizes."""
+def eval_cmd(ref: str, cand: str, base: str | None, data: str | None, as_json: bool) -> None:
+    """ΔW error of adapter CAND against adapter REF (any readable formats), per module and in total, and sizes.
+
+    With --base and --data: effect retention 1 − ‖f_cand − f_ref‖ / ‖f_ref − f_base‖ and mean cosine of outputs.
+    """
     from .evaluate import evaluate
 
-    result = evaluate(ref, cand)
+    result = evaluate(ref, cand, base=base, data=data)
     if as_json:
         emit_json(result)
         return
@@ -192,6 +207,9 @@ def eval_cmd(ref: str, cand: str, as_json: bool) -> None:
         if d[what]:
             click.echo(f"{what} in CAND: {', '.join(d[what])}")
     click.echo(f"\ntotal ΔW error: {fmt_num(d['total_rel_error'], '.4f')}")
+    if "function" in result:
+        f = result["function"]
+        click.echo(f"effect retention: {fmt_num(f['effect_retention'], '.4f')}   mean cosine: {f['mean_cosine']:.4f}   ({f['samples']} inputs)")
     click.echo(f"size: REF {fmt_bytes(s['ref_bytes'])} stored ({fmt_bytes(s['ref_fp16_bytes'])} at fp16), CAND {fmt_bytes(s['cand_bytes'])} = {s['ratio_vs_ref_fp16']:.1%} of REF at fp16")
 
 

@@ -80,6 +80,10 @@ def lora2vb(
     refine_steps: int = 300,
     full_logits: bool = False,
     bank_dtype: str = "float32",
+    base: str | Path | None = None,
+    calibration: str | Path | None = None,
+    calib_steps: int = 200,
+    calib_samples: int = 256,
     format: str | None = None,
     overwrite: bool = False,
     progress: Callable[[str, int, int, float], None] | None = None,
@@ -89,6 +93,9 @@ def lora2vb(
     Returns the report also written to ``out/vbcompress.json``: settings, per-module and total ΔW error
     (recomputed from the written files, against the full source), bytes and compression ratio, and the
     error of SVD truncation at the same byte budget for comparison.
+
+    With ``base`` (a model directory), the weight-space fit is followed by function-space calibration on
+    ``calibration`` text (a file) or, without one, on data-free inputs; see :mod:`vbcompress.bank.calibrate`.
     """
     source = load_adapter(src, format=format)
     length = vector_length or auto_vector_length(source)
@@ -105,12 +112,30 @@ def lora2vb(
         num_vectors=num_vectors, vector_length=length, topk=topk, rank=rank or max_rank,
         iters=iters, refine_steps=refine_steps, seed=seed, device=dev,
     )  # fmt: skip
+    model = texts = None
+    if base is not None:  # load and check the base before any training
+        from .bank.calibrate import Base, read_texts
+
+        model = Base(base, source)
+        texts = read_texts(calibration) if calibration else None
+    elif calibration is not None:
+        raise VBCompressError(calibration, "--calibration needs --base")
     factors = {name: m.folded() for name, m in source.modules.items()}
     # CUDA's index_add/scatter kernels accumulate with atomics: only deterministic mode makes runs repeatable.
     with deterministic() if dev == "cuda" else contextlib.nullcontext():
         fit = fit_bank(factors, settings, progress)
-    bank = fit.bank.to(getattr(torch, bank_dtype))
-    codes = {name: canonical_code(code) for name, code in fit.codes.items()}
+    fitted, calib_report = VectorBank(bank=fit.bank, topk=topk, codes=fit.codes), None
+    if model is not None:
+        from .bank.calibrate import CalibrationSettings, calibrate
+
+        cal = CalibrationSettings(steps=calib_steps, samples=calib_samples, seed=seed)
+        data = "file" if texts else "data-free: " + ("samples of the base model" if model.causal else "random vocabulary")
+        if texts is None:
+            texts = model.data_free_texts(calib_samples, torch.Generator().manual_seed(seed), cal.max_length // 2)
+        fitted, calib_report = calibrate(source, fitted, model, texts, cal, progress)
+        calib_report.update(base=str(base), data=data, calibration_file=str(calibration) if calibration else None)
+    bank = fitted.bank.to(getattr(torch, bank_dtype))
+    codes = {name: canonical_code(code) for name, code in fitted.codes.items()}
     result = Adapter(
         modules={},
         carried=dict(source.carried),
@@ -158,6 +183,7 @@ def lora2vb(
                 "alternate": min((e for s, e in fit.history if s == "alternate"), default=fit.history[0][1]),
                 "refine": fit.rel_error,
             },
+            "calibration": calib_report,
         }  # fmt: skip
         write_json(tmp / REPORT_FILE, report)
     return report

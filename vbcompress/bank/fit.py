@@ -58,13 +58,21 @@ class Problem:
     spans: list[tuple[int, int, int]] = field(default_factory=list)  # (start, n_A, n_B) per module
     total_sq: float = 0.0
 
-    def split(self, sub: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B̂ [out, r], Â [r, in]) of module ``i`` from a ``[S, L]`` table of sub-vectors."""
-        start, na, nb = self.spans[i]
-        r = self.A[i].shape[0]
-        a = sub[start : start + na].reshape(r, -1)
-        b = sub[start + na : start + na + nb].reshape(-1, r, sub.shape[1]).transpose(1, 2).reshape(-1, r)
-        return b, a
+    def factors(self, sub: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(B̂ [out, r], Â [r, in]) of every module from a ``[S, L]`` table of sub-vectors.
+
+        One ``split`` instead of per-module slicing: each slice's backward would allocate a zero tensor
+        the size of the whole table, which is quadratic in the number of modules.
+        """
+        sizes = [n for _, na, nb in self.spans for n in (na, nb)]
+        pieces = sub.split(sizes)
+        out = []
+        for i, a in enumerate(self.A):
+            r = a.shape[0]
+            sub_a, sub_b = pieces[2 * i], pieces[2 * i + 1]
+            b = sub_b.reshape(-1, r, sub.shape[1]).transpose(1, 2).reshape(-1, r)
+            out.append((b, sub_a.reshape(r, -1)))
+        return out
 
 
 def build_problem(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], length: int, rank: int, device) -> Problem:
@@ -253,9 +261,8 @@ class Mix(torch.autograd.Function):
 def exact_error(problem: Problem, sub: torch.Tensor) -> torch.Tensor:
     """``Σ_m ‖B̂_m Â_m − B'_m A'_m‖²_F`` for a table of sub-vectors (differentiable)."""
     total = sub.new_zeros(())
-    for i in range(len(problem.names)):
-        b, a = problem.split(sub, i)
-        total = total + gram_sq_error(b, a, problem.B[i], problem.A[i])
+    for (b, a), B, A in zip(problem.factors(sub), problem.B, problem.A):
+        total = total + gram_sq_error(b, a, B, A)
     return total
 
 

@@ -23,6 +23,7 @@ CONFIGS = [  # (N, L, bank dtype, rank)
     (64, 128, "float16", None),
     (64, 128, "float32", None),
     (128, 128, "float32", None),
+    (64, 128, "float32", 4),
 ]
 
 

@@ -8,6 +8,7 @@ and the factor algebra). Usage: python benchmarks/scale.py [--layers 32] [--iter
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -63,7 +64,9 @@ def main() -> None:
     cli = [sys.executable, "-m", "vbcompress.cli"]
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "llama7b-like"
-        params = make_adapter(src, args.layers)
+        # Build the adapter in a spawned process: a forked child inherits its parent's peak RSS on Linux.
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            params = pool.apply(make_adapter, (src, args.layers))
         base_t, base_rss, _ = timed(cli + ["eval", str(src), str(src), "--json"])
         fit_t, fit_rss, out = timed(
             cli + ["lora2vb", str(src), "-o", str(Path(tmp) / "vb"), "-N", str(args.num_vectors), "--iters", str(args.iters),

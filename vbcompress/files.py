@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -126,3 +127,51 @@ def _default_permissions(root: Path) -> None:
     os.chmod(root, 0o777 & ~umask)
     for p in root.rglob("*"):
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def stream_safetensors(
+    path: Path, layout: list[tuple[str, list[int], torch.dtype]], tensors: Iterator[torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file one tensor at a time: ``layout`` lists (name, shape, dtype) in order and
+    ``tensors`` yields them in that order. Only one tensor is in memory at a time (``save_file`` needs
+    all of them, and copies them into one buffer).
+    """
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in layout:
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns tensor data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for (name, shape, dtype), t in zip(layout, tensors, strict=True):
+            if list(t.shape) != list(shape) or t.dtype != dtype:
+                raise ValueError(f"{name}: got {list(t.shape)} {t.dtype}, header says {shape} {dtype}")
+            f.write(t.contiguous().view(torch.uint8).reshape(-1).numpy().data)
+
+
+def iter_safetensors(path: Path, header: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of a safetensors file in header order, each read with a plain ``read`` (no mmap), so that
+    only the tensor in hand is resident: a mapped file's touched pages count as the process's memory.
+    """
+    names = [k for k in header if k != "__metadata__"]
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        for name in names:
+            meta = header[name]
+            start, end = meta["data_offsets"]
+            f.seek(8 + n + start)
+            buf = bytearray(end - start)
+            f.readinto(buf)
+            dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[meta["dtype"]]
+            t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+            yield name, t.view(dtype).reshape(meta["shape"])

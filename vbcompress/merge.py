@@ -1,26 +1,27 @@
 """``merge``: fold an adapter into base weights, one safetensors shard at a time.
 
-Peak memory is about the largest shard plus the adapter: each shard is opened lazily, its tensors are
-read, the matching ΔW (computed in float32, laid out as the base stores the weight) is added, the shard
-is cast and written, and its memory is released before the next one.
+Peak memory is about the largest tensor plus the adapter: tensors are read one at a time with plain reads
+(a memory-mapped shard's pages would count as resident), merged (ΔW computed in float32, laid out as the base stores the weight), cast and appended to
+the output shard one at a time.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .adapter import Adapter
 from .errors import FormatError, ShapeError, VBCompressError
-from .files import atomic_output_dir, check_safetensors, read_json, save_tensors, write_json
+from .files import SAFETENSORS_DTYPES, atomic_output_dir, check_safetensors, iter_safetensors, read_json, stream_safetensors, write_json
 from .formats import load_adapter
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+DTYPE_NAMES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 DTYPES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Other serialisations of the same weights would be stale next to merged shards.
 STALE = ("pytorch_model*.bin", "*.h5", "*.msgpack", "*.onnx", "*.ckpt")
@@ -110,22 +111,26 @@ def merge(base: str | Path, adapter_src: str | Path, out: str | Path, *, dtype: 
     total_size = 0
     with atomic_output_dir(out, overwrite=overwrite, inputs=(base, adapter_src)) as tmp:
         for shard in shards:
-            tensors = {}
-            with safe_open(str(base / shard), framework="pt") as f:
-                metadata = f.metadata()
-                for key in f.keys():
-                    t = f.get_tensor(key)
+            header = check_safetensors(base / shard)
+            layout = []
+            for key, meta in header.items():
+                if key == "__metadata__":
+                    continue
+                dtype = DTYPE_NAMES[meta["dtype"]]
+                if cast is not None and dtype.is_floating_point:
+                    dtype = cast
+                layout.append((key, meta["shape"], dtype))
+                total_size += math.prod(meta["shape"]) * torch.empty(0, dtype=dtype).element_size()
+
+            def merged(path=base / shard, header=header):
+                for key, t in iter_safetensors(path, header):
                     if key in targets:
-                        delta = adapter.modules[targets[key]].delta_weight(torch.float32)
-                        t = (t.float() + delta).to(t.dtype)
+                        t = (t.float() + adapter.modules[targets[key]].delta_weight(torch.float32)).to(t.dtype)
                     elif key in replaced:
                         t = adapter.carried[replaced[key]].to(t.dtype)
-                    if cast is not None and t.is_floating_point():
-                        t = t.to(cast)
-                    tensors[key] = t
-                    total_size += t.numel() * t.element_size()
-            save_tensors(tensors, tmp / shard, metadata=metadata or {"format": "pt"})
-            del tensors
+                    yield t.to(cast) if cast is not None and t.is_floating_point() else t
+
+            stream_safetensors(tmp / shard, layout, merged(), metadata=header.get("__metadata__") or {"format": "pt"})
         if (base / INDEX).is_file():
             index = read_json(base / INDEX)
             index.setdefault("metadata", {})["total_size"] = total_size

@@ -92,7 +92,7 @@ def test_topk_1_and_3_load_in_peft_with_our_delta_weights(tmp_path, topk):
 
 
 def test_more_mixed_vectors_fit_better(tmp_path):
-    errors = [lora2vb(MINILM_ADAPTER, tmp_path / f"k{k}", num_vectors=128, vector_length=64, topk=k, **FAST)["total_rel_error"] for k in (1, 2, 3)]
+    errors = [lora2vb(MINILM_ADAPTER, tmp_path / f"k{k}", num_vectors=128, vector_length=64, topk=k, iters=20, refine_steps=100)["total_rel_error"] for k in (1, 2, 3)]
     assert errors[0] > errors[1] > errors[2]
 
 

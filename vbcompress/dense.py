@@ -28,7 +28,7 @@ def truncate(adapter: Adapter, rank: int | str | None = None, rule: str = "sara"
     """A LoRA copy of ``adapter`` truncated per module, and per-module rows (rank, retained shares).
 
     ``rank``: an int (same cap for every module), ``"auto"`` (chosen by ``rule`` at ``threshold``), or
-    None (each module's full numerical rank: reproduces ΔW).
+    None (each module's own rank: reproduces ΔW).
     """
     if rank not in (None, "auto") and (not isinstance(rank, int) or rank < 1):
         raise VBCompressError(None, f"--rank must be a positive integer or 'auto', not {rank!r}")
@@ -38,14 +38,14 @@ def truncate(adapter: Adapter, rank: int | str | None = None, rule: str = "sara"
     for name, m in adapter.modules.items():
         b, a = m.folded()
         u, s, vh = low_rank_svd(b, a)
-        full = int((s > s[0] * 1e-7).sum()) if s.numel() and s[0] > 0 else 0
         if rank == "auto":
             try:
                 k = choose_rank(s, rule, threshold)
             except ValueError as e:
                 raise VBCompressError(None, str(e)) from None
         else:
-            k = full if rank is None else min(rank, full)
+            # As PEFT's convert_to_lora: a fixed rank is kept even where trailing σ are ~0.
+            k = s.numel() if rank is None else min(rank, s.numel())
         fro, nuc = retained(s, k)
         keep = max(k, 1)  # PEFT needs r ≥ 1: an all-zero module becomes rank 1 with zero factors
         root = s[:keep].sqrt()

@@ -5,8 +5,10 @@ Each module enters in the balanced gauge (``B' = U√S``, ``A' = √S Vh``, scal
 then costs exactly ``σ_i‖δ‖²`` of ``‖ΔW' − ΔW‖²_F`` (likewise for column ``i`` of ``B'``), so the first-order
 objective is a σ-weighted sub-vector fit. The fit runs in three stages:
 
-1. **seed** — weighted k-means++ on the sub-vectors, then Lloyd iterations: the bank starts where the
-   objective's mass is, not at random (the role LoRA-GA's SVD start plays for training);
+1. **seed** — max-residual seeding: after one assignment against a scale-matched uniform draw, every
+   unused vector is placed on the worst-fitted σ-weighted sub-vectors, so the bank starts where the
+   objective's error is (the role LoRA-GA's gradient start plays for training); σ-weighted k-means++
+   with Lloyd steps is available (``init="kmeans++"``) and measured worse;
 2. **alternate** — exact top-k assignment (for k=2, the best point on every segment between a near
    vector and any bank vector; greedy segment steps for k>2) and a closed-form weighted least-squares
    bank, repeated; dead vectors are re-seeded on the worst-fitted sub-vectors;
@@ -43,7 +45,7 @@ class FitSettings:
     partners: int | None = 128  # second-vector search width (None: the whole bank)
     seed: int = 0
     device: str = "cpu"
-    init: str = "kmeans++"  # or "random": uniform bank, for ablations
+    init: str = "residual"  # or "kmeans++" (measured worse, kept for comparison)
 
 
 @dataclass
@@ -301,11 +303,14 @@ def fit_bank(
         with torch.no_grad():
             return float(exact_error(prob, (wts[..., None] * bank[idx]).sum(1)))
 
-    if settings.init == "random":
+    if settings.init == "kmeans++":
+        bank = seed_bank(U, w, n, gen)
+    else:
+        # Max-residual seeding: a uniform bank at the sub-vectors' scale is almost entirely unused after
+        # the first assignment, so `reseed_dead` places the bank on the worst-fitted (σ-weighted)
+        # sub-vectors. Measured better than k-means++ on every adapter tried (README).
         bound = float(U.abs().max())
         bank = (torch.rand(n, L, generator=gen) * 2 - 1).to(device) * bound
-    else:
-        bank = seed_bank(U, w, n, gen)
     idx, wts = assign(U, bank, k, settings.candidates, settings.partners)
     best = (exact(bank, idx, wts), bank.clone(), idx, wts)
     note("seed", 0, settings.iters, best[0])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import CONV, EMBEDDING, LINEAR, LoraModule
+from ..adapter import CONV, EMBEDDING, LINEAR, LoraModule, natural_key
 from ..errors import FormatError, ShapeError
 
 
@@ -85,6 +85,13 @@ def build_module(
         kernel=kernel,
         alpha=pair.alpha,
     )
+
+
+def build_modules(
+    pairs: dict[str, FactorPair], path: Path, scale_of: Callable[[str, int, float | None], float], fan_in_fan_out: bool = False
+) -> dict[str, LoraModule]:
+    """All pairs as modules, in natural order (``layers.2`` before ``layers.10``)."""
+    return {name: build_module(name, pairs[name], path, scale_of, fan_in_fan_out) for name in sorted(pairs, key=natural_key)}
 
 
 def pattern_value(patterns: dict | None, name: str, default):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import natural_key, Adapter
+from ..adapter import Adapter
 from ..errors import FormatError
-from .common import build_module, dtype_name, match_keys, peft_scale, reject_unknown, stored_alpha_scale
+from .common import build_modules, dtype_name, match_keys, peft_scale, reject_unknown, stored_alpha_scale
 
 RULES = [
     (re.compile(r"^(?P<name>.+)\.lora_A\.weight$"), "down"),
@@ -61,7 +61,7 @@ def read_diffusers(tensors: dict[str, torch.Tensor], metadata: dict, path: Path)
     # Without a config diffusers uses the stored network alpha, or alpha = r (scale 1).
     scale_of = peft_scale(config) if config else stored_alpha_scale
 
-    modules = {name: build_module(name, pair, path, scale_of) for name, pair in sorted(pairs.items(), key=lambda kv: natural_key(kv[0]))}
+    modules = build_modules(pairs, path, scale_of)
     return Adapter(
         modules=modules,
         source_format=source_format,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import natural_key, Adapter
+from ..adapter import Adapter
 from ..errors import FormatError
-from .common import build_module, dtype_name, match_keys, reject_unknown, stored_alpha_scale
+from .common import build_modules, dtype_name, match_keys, reject_unknown, stored_alpha_scale
 
 RULES = [
     (re.compile(r"^(?P<name>lora_[a-z0-9]+_.+)\.lora_down\.weight$"), "down"),
@@ -28,7 +28,7 @@ def read_kohya(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> 
     reject_unknown(path, unknown, "kohya")
     if not pairs:
         raise FormatError(path, "no lora_down/lora_up tensors found")
-    modules = {name: build_module(name, pair, path, stored_alpha_scale) for name, pair in sorted(pairs.items(), key=lambda kv: natural_key(kv[0]))}
+    modules = build_modules(pairs, path, stored_alpha_scale)
     return Adapter(
         modules=modules,
         source_format="kohya",

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import natural_key, EMBEDDING, Adapter, LoraModule
+from ..adapter import EMBEDDING, Adapter, LoraModule
 from ..files import save_tensors, write_json
 from ..errors import FormatError
-from .common import build_module, dtype_name, match_keys, peft_scale, reject_unknown
+from .common import build_modules, dtype_name, match_keys, peft_scale, reject_unknown
 
 PREFIX = "base_model.model."
 RULES = [
@@ -32,7 +32,7 @@ def read_peft_lora(tensors: dict[str, torch.Tensor], config: dict, path: Path) -
         raise FormatError(path, "no lora_A/lora_B tensors found")
     scale_of = peft_scale(config)
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-    modules = {name: build_module(name, pair, path, scale_of, fan_in_fan_out) for name, pair in sorted(pairs.items(), key=lambda kv: natural_key(kv[0]))}
+    modules = build_modules(pairs, path, scale_of, fan_in_fan_out)
     return Adapter(
         modules=modules,
         carried={k: tensors[k] for k in rest if k not in unknown},

@@ -23,7 +23,7 @@ def evaluate(ref: str | Path, cand: str | Path, base: str | Path | None = None, 
         from .bank.calibrate import Base, read_texts, retention
 
         model = Base(base, reference)
-        Base(base, candidate)  # checks the candidate's modules against the base too
+        model.check(candidate)
         ref_d = {n: m.delta_weight() for n, m in reference.modules.items()}
         cand_d = {n: m.delta_weight() for n, m in candidate.modules.items()}
         result["function"] = retention(model, read_texts(data), ref_d, cand_d, max_length)

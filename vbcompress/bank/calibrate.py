@@ -60,7 +60,6 @@ class Base:
 
     def __init__(self, base: str | Path, adapter: Adapter):
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-        from transformers.pytorch_utils import Conv1D
 
         try:
             config = AutoConfig.from_pretrained(str(base))
@@ -76,7 +75,15 @@ class Base:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.base = base
+        self.params = dict(self.model.named_parameters())
         self.weights: dict[str, str] = {}
+        self.check(adapter)
+
+    def check(self, adapter: Adapter) -> None:
+        """Locate every adapter module as a linear layer of matching shape; one error listing all misfits."""
+        from transformers.pytorch_utils import Conv1D
+
         problems = []
         for name, m in adapter.modules.items():
             try:
@@ -95,8 +102,7 @@ class Base:
             self.weights[name] = f"{name}.weight"
         if problems:
             shown = "; ".join(problems[:5]) + (f"; +{len(problems) - 5} more" if len(problems) > 5 else "")
-            raise ShapeError(base, f"base model does not fit the adapter: {shown}")
-        self.params = dict(self.model.named_parameters())
+            raise ShapeError(self.base, f"base model does not fit the adapter: {shown}")
 
     def encode(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         return self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)

@@ -54,10 +54,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n, length, dtype, rank in CONFIGS:
             for calibrated in (False, True):
-                out = Path(tmp) / f"{n}-{length}-{dtype}-{calibrated}"
+                out = Path(tmp) / f"{n}-{length}-{dtype}-r{rank}-{calibrated}"
                 extra = dict(base=base_dir, calibration=REPO / "examples" / "text" / "calibration.txt", calib_steps=args.steps, calib_samples=args.samples) if calibrated else {}
                 rep = lora2vb(adapter_dir, out, num_vectors=n, vector_length=length, bank_dtype=dtype, rank=rank, **extra)
-                label = f"bank N={n} L={length} {dtype}" + (" + calibration" if calibrated else " (weights only)")
+                label = f"bank N={n} L={length} {dtype}" + (f" r={rank}" if rank else "") + (" + calibration" if calibrated else " (weights only)")
                 print(f"| {label} | {rep['bytes']['ratio']:.1%} | {rep['total_rel_error']:.3f} | {score(load_adapter(out)):.3f} |", flush=True)
 
 

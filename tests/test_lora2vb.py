@@ -8,10 +8,12 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vbcompress import load_adapter, write_peft_lora
+from vbcompress.card import model_card
 from vbcompress.compress import lora2vb
 from vbcompress.errors import ShapeError, VBCompressError
 from vbcompress.evaluate import evaluate
@@ -53,6 +55,24 @@ def test_peft_loads_compact_output_on_minilm(minilm_vb, minilm):
         theirs = model(**batch).last_hidden_state
     ours = outputs_with_delta(fresh, batch, load_adapter(out))
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_output_has_a_model_card_with_the_measured_figures(minilm_vb):
+    out, report = minilm_vb
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" and meta["library_name"] == "peft"
+    assert "source_adapter" not in meta  # a local source: its path stays out of a publishable card
+    assert f"{report['total_rel_error']:.4f}" in card and f"{report['bytes']['ratio']:.1%}" in card
+    assert f"rank {report['svd_baseline']['rank']}: ΔW error {report['svd_baseline']['rel_error']:.4f}" in card
+
+
+def test_card_keeps_the_source_license_and_drops_a_local_base_path(minilm_vb):
+    _, report = minilm_vb
+    card = model_card(report, base_model="/home/me/models/minilm", task_type="CAUSAL_LM", source_meta={"license": "mit", "tags": ["x"]})
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["license"] == "mit" and "base_model" not in meta and "x" not in meta["tags"]
+    assert "AutoModelForCausalLM" in card and "/home/me/models/minilm" in card
 
 
 def test_report_error_equals_error_recomputed_from_files(minilm_vb):

@@ -70,7 +70,7 @@ format_option = click.option(
 @format_option
 @click.option("--json", "as_json", is_flag=True, help="Print stable JSON instead of a table.")
 def inspect(path: str, threshold: float, fmt: str | None, as_json: bool) -> None:
-    """Show what the adapter at PATH holds: format, shapes, ranks, sizes and per-module spectra."""
+    """Show what the adapter at PATH (a path or Hub id) holds: format, shapes, ranks, sizes and per-module spectra."""
     from .report import inspect_adapter
 
     info = inspect_adapter(path, threshold=threshold, format=fmt)
@@ -129,44 +129,49 @@ def progress_bar():
     return update
 
 
-@main.command()
-@click.argument("src")
-@click.option("-o", "--out", required=True, help="Output directory (a PEFT VB-LoRA adapter).")
-@click.option("--num-vectors", "-N", default=256, show_default=True, type=int, help="Vectors in the bank.")
-@click.option("--vector-length", "-L", default=None, type=int, help="Sub-vector length [default: largest of 256..16 dividing every dim].")
-@click.option("--topk", "-k", default=2, show_default=True, type=int, help="Bank vectors mixed per sub-vector.")
-@click.option("--rank", "-r", default=None, type=int, help="Keep the top R singular directions of every module [default: the adapter's rank].")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--iters", default=20, show_default=True, type=int, help="Alternating assignment/bank iterations.")
-@click.option("--refine-steps", default=300, show_default=True, type=int, help="Adam steps on the exact ΔW error.")
-@click.option("--full-logits", is_flag=True, help="Write full logits instead of the compact top-k layout.")
-@click.option("--bank-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
-@click.option("--base", default=None, help="Base model directory: after the weight fit, calibrate on the adapter's function.")
-@click.option("--calibration", default=None, help="Calibration text: one sample per line, or JSONL with 'text' [default: data-free].")
-@click.option("--calib-steps", default=200, show_default=True, type=int, help="Calibration optimizer steps.")
-@click.option("--calib-samples", default=256, show_default=True, type=int, help="Calibration samples (1/8 held out for the report).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@format_option
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def lora2vb(src, out, num_vectors, vector_length, topk, rank, device, seed, iters, refine_steps, full_logits, bank_dtype, base, calibration, calib_steps, calib_samples, overwrite, fmt, as_json):
-    """Distill the LoRA at SRC into one vector bank; write a PEFT VB-LoRA adapter and vbcompress.json to OUT."""
-    from .compress import lora2vb as run
+LORA2VB_OPTIONS = [
+    click.option("-o", "--out", required=True, help="Output directory (a PEFT VB-LoRA adapter, vbcompress.json and a model card)."),
+    click.option("--num-vectors", "-N", default=256, show_default=True, type=int, help="Vectors in the bank."),
+    click.option("--vector-length", "-L", default=None, type=int, help="Sub-vector length [default: largest of 256..16 dividing every dim]."),
+    click.option("--topk", "-k", default=2, show_default=True, type=int, help="Bank vectors mixed per sub-vector."),
+    click.option("--rank", "-r", default=None, type=int, help="Keep the top R singular directions of every module [default: the adapter's rank]."),
+    click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
+    click.option("--seed", default=0, show_default=True, type=int),
+    click.option("--iters", default=20, show_default=True, type=int, help="Alternating assignment/bank iterations."),
+    click.option("--refine-steps", default=300, show_default=True, type=int, help="Adam steps on the exact ΔW error."),
+    click.option("--full-logits", is_flag=True, help="Write full logits instead of the compact top-k layout."),
+    click.option("--bank-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"])),
+    click.option("--base", default=None, help="Base model directory or Hub id: after the weight fit, calibrate on the adapter's function."),
+    click.option("--calibration", default=None, help="Calibration text: one sample per line, or JSONL with 'text' [default: data-free]."),
+    click.option("--calib-steps", default=200, show_default=True, type=int, help="Calibration optimizer steps."),
+    click.option("--calib-samples", default=256, show_default=True, type=int, help="Calibration samples (1/8 held out for the report)."),
+    click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
+    format_option,
+    click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+]
 
+
+def lora2vb_options(f):
+    for option in reversed(LORA2VB_OPTIONS):
+        f = option(f)
+    return f
+
+
+def run_lora2vb(run, src: str, options: dict, **extra) -> dict:
+    """Call ``run`` (lora2vb or compress_from_hub) with the CLI's options, a progress bar unless --json."""
+    as_json, out = options.pop("as_json"), options["out"]
+    options["format"] = options.pop("fmt")
     bar = None if as_json else progress_bar()
     try:
-        report = run(
-            src, out, num_vectors=num_vectors, vector_length=vector_length, topk=topk, rank=rank, device=device,
-            seed=seed, iters=iters, refine_steps=refine_steps, full_logits=full_logits, bank_dtype=bank_dtype,
-            base=base, calibration=calibration, calib_steps=calib_steps, calib_samples=calib_samples,
-            format=fmt, overwrite=overwrite, progress=bar,
-        )  # fmt: skip
+        report = run(src, progress=bar, **options, **extra)
     finally:
         if bar:
             bar.close()
-    if as_json:
-        emit_json(report)
-        return
+    emit_json(report) if as_json else print_lora2vb_report(report, out)
+    return report
+
+
+def print_lora2vb_report(report: dict, out: str) -> None:
     b, st, svd = report["bytes"], report["settings"], report["svd_baseline"]
     click.echo(f"wrote {out}  (N={st['num_vectors']}, L={st['vector_length']}, k={st['topk']}, r={st['rank']})")
     click.echo(f"size:      {fmt_bytes(b['vb'])} = {b['ratio']:.1%} of the LoRA at fp16 ({fmt_bytes(b['source_fp16'])}); bank {fmt_bytes(b['bank'])}, codes {fmt_bytes(b['codes'])}")
@@ -183,10 +188,40 @@ def lora2vb(src, out, num_vectors, vector_length, topk, rank, device, seed, iter
         click.echo("note: plain SVD truncation keeps more of this adapter at this size (try `--rank`, a larger N, or calibration).")
 
 
+@main.command()
+@click.argument("src")
+@lora2vb_options
+def lora2vb(src, **options):
+    """Distill the LoRA at SRC (a path or Hub id) into one vector bank; write a PEFT VB-LoRA adapter to OUT."""
+    from .compress import lora2vb as run
+
+    run_lora2vb(run, src, options)
+
+
+@main.command()
+@click.argument("repo_id")
+@lora2vb_options
+@click.option("--push-to", default=None, help="Upload OUT to this Hub repository (created if missing) and print its URL.")
+@click.option("--private", is_flag=True, help="Create the --push-to repository as private.")
+@click.option("--token", default=None, help="Hugging Face token [default: HF_TOKEN or the saved login].")
+def hub(repo_id, push_to, private, token, **options):
+    """Download the LoRA REPO_ID[@REVISION] from the Hub, shrink it like lora2vb, write OUT ready to publish.
+
+    Only the adapter's files and model card are fetched, into the Hugging Face cache (HF_HUB_OFFLINE=1 works
+    from it). --base may also be a Hub id.
+    """
+    from .hub import compress_from_hub
+
+    as_json = options["as_json"]
+    report = run_lora2vb(compress_from_hub, repo_id, options, push_to=push_to, private=private, token=token)
+    if report.get("pushed") and not as_json:
+        click.echo(f"pushed:    {report['pushed']['url']}  ({report['pushed']['commit_url']})")
+
+
 @main.command(name="eval")
 @click.argument("ref")
 @click.argument("cand")
-@click.option("--base", default=None, help="Base model directory, for effect retention on --data.")
+@click.option("--base", default=None, help="Base model directory or Hub id, for effect retention on --data.")
 @click.option("--data", default=None, help="Text inputs (lines or JSONL with 'text') for effect retention.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def eval_cmd(ref: str, cand: str, base: str | None, data: str | None, as_json: bool) -> None:
@@ -275,8 +310,8 @@ def resize(src, out, rank, rule, threshold, dtype, overwrite, fmt, as_json):
 
 
 @main.command()
-@click.option("--base", required=True, help="Base model directory (model.safetensors or sharded with an index).")
-@click.option("--adapter", "adapter_src", required=True, help="Adapter to fold in (LoRA, VB-LoRA, kohya, diffusers).")
+@click.option("--base", required=True, help="Base model directory or Hub id (model.safetensors, or sharded with an index).")
+@click.option("--adapter", "adapter_src", required=True, help="Adapter to fold in (LoRA, VB-LoRA, kohya, diffusers; path or Hub id).")
 @click.option("-o", "--out", required=True, help="Output model directory.")
 @click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "float16", "bfloat16", "float32"]))
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")

@@ -12,10 +12,12 @@ import torch
 from . import __version__
 from .adapter import LINEAR, Adapter, VectorBank
 from .bank.fit import FitSettings, fit_bank
+from .card import model_card, source_metadata
 from .errors import ShapeError, VBCompressError
 from .files import atomic_output_dir, write_json
 from .formats import load_adapter, write_vblora
 from .formats.vblora import canonical_code
+from .hub import download, is_hub_ref, local_path
 from .linalg import singular_values
 from .metrics import delta_errors
 
@@ -87,6 +89,8 @@ def lora2vb(
     format: str | None = None,
     overwrite: bool = False,
     progress: Callable[[str, int, int, float], None] | None = None,
+    token: str | None = None,
+    repo_id: str | None = None,
 ) -> dict:
     """Distill the LoRA at ``src`` into one vector bank and write a PEFT VB-LoRA adapter to ``out``.
 
@@ -96,8 +100,18 @@ def lora2vb(
 
     With ``base`` (a model directory), the weight-space fit is followed by function-space calibration on
     ``calibration`` text (a file) or, without one, on data-free inputs; see :mod:`vbcompress.bank.calibrate`.
+
+    ``src`` and ``base`` may be Hub ids (``owner/name[@revision]``; ``token`` for private ones). ``out`` also
+    gets a README.md model card; ``repo_id`` is the name it tells users to load the adapter by.
     """
-    source = load_adapter(src, format=format)
+    hub_source = None
+    if is_hub_ref(src):
+        fetched = download(src, "adapter", token=token)
+        hub_source = {"ref": str(src), "repo": fetched.ref.repo_id, "revision": fetched.ref.revision or "main", "commit": fetched.commit}
+        path = fetched.path
+    else:
+        path = Path(src)
+    source = load_adapter(path, format=format)
     length = vector_length or auto_vector_length(source)
     check_compressible(source, length)
     max_rank = max(source.ranks)
@@ -116,7 +130,7 @@ def lora2vb(
     if base is not None:  # load and check the base before any training
         from .bank.calibrate import Base, read_texts
 
-        model = Base(base, source)
+        model = Base(local_path(base, "base", token=token), source)
         texts = read_texts(calibration) if calibration else None
     elif calibration is not None:
         raise VBCompressError(calibration, "--calibration needs --base")
@@ -150,7 +164,7 @@ def lora2vb(
     for name, m in source.modules.items():
         a, b = result.vector_bank.decode(name)
         result.modules[name] = type(m)(name=name, A=a, B=b, scale=1.0, fan_in_fan_out=m.fan_in_fan_out)
-    with atomic_output_dir(out, overwrite=overwrite, inputs=(src,)) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=(path,)) as tmp:
         write_vblora(result, tmp, full_logits=full_logits)
         written = load_adapter(tmp)  # the report describes the files, not our in-memory copy
         errors = delta_errors(source, written)
@@ -158,6 +172,7 @@ def lora2vb(
         report = {
             "vbcompress_version": __version__,
             "source": str(src),
+            "hub_source": hub_source,
             "source_format": source.source_format,
             "settings": {
                 "num_vectors": num_vectors, "vector_length": length, "topk": topk, "rank": settings.rank,
@@ -186,6 +201,8 @@ def lora2vb(
             "calibration": calib_report,
         }  # fmt: skip
         write_json(tmp / REPORT_FILE, report)
+        card = model_card(report, base_model=source.base_model, task_type=source.task_type, source_meta=source_metadata(path), repo_id=repo_id)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     return report
 
 

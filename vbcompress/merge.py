@@ -18,6 +18,7 @@ from .adapter import Adapter
 from .errors import FormatError, ShapeError, VBCompressError
 from .files import SAFETENSORS_DTYPES, atomic_output_dir, check_safetensors, iter_safetensors, read_json, stream_safetensors, write_json
 from .formats import load_adapter
+from .hub import local_path
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -99,8 +100,11 @@ def resolve_targets(adapter: Adapter, info: dict[str, tuple[list[int], str]], ba
 
 
 def merge(base: str | Path, adapter_src: str | Path, out: str | Path, *, dtype: str = "keep", overwrite: bool = False) -> dict:
-    """Write ``base`` with the adapter at ``adapter_src`` folded in to ``out``; returns a short report."""
-    base = Path(base)
+    """Write ``base`` with the adapter at ``adapter_src`` folded in to ``out``; returns a short report.
+
+    Either may be a Hub id (``owner/name[@revision]``); only the files a merge needs are downloaded.
+    """
+    base = local_path(base, "base")
     if dtype not in DTYPES:
         raise VBCompressError(None, f"--dtype must be one of {', '.join(DTYPES)}")
     adapter = load_adapter(adapter_src)

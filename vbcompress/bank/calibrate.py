@@ -61,6 +61,9 @@ class Base:
     def __init__(self, base: str | Path, adapter: Adapter):
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+        from ..hub import local_path
+
+        base = local_path(base, "base")
         try:
             config = AutoConfig.from_pretrained(str(base))
             self.causal = adapter.task_type == "CAUSAL_LM" or any(

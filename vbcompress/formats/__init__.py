@@ -9,6 +9,7 @@ import torch
 from ..adapter import Adapter
 from ..errors import FormatError
 from ..files import read_json, read_tensors
+from ..hub import local_path
 from .common import check_finite
 from .diffusers import is_legacy, read_diffusers
 from .kohya import read_kohya
@@ -65,12 +66,13 @@ def _weights_in(path: Path) -> Path:
 
 
 def load_adapter(path: str | Path, format: str | None = None, allow_nonfinite: bool = False) -> Adapter:
-    """Read an adapter from a directory or a weights file, detecting its format unless ``format`` is given.
+    """Read an adapter from a directory, a weights file or a Hub id (``owner/name[/path][@revision]``),
+    detecting its format unless ``format`` is given. A local path wins over a Hub id spelled the same.
 
     Raises :class:`~vbcompress.errors.FormatError` naming the file and the problem for bad input, and
-    for NaN/Inf values unless ``allow_nonfinite``.
+    for NaN/Inf values unless ``allow_nonfinite``; :class:`~vbcompress.errors.HubError` for Hub failures.
     """
-    path = Path(path)
+    path = local_path(path, "adapter")
     if not path.exists():
         raise FormatError(path, "no such file or directory")
     if format is not None and format not in FORMATS:

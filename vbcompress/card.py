@@ -1,0 +1,114 @@
+"""The model card (README.md) written next to every compressed adapter, so the folder is ready to publish."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from . import __version__
+
+# Only these are valid `base_model` values on the Hub; a local path would be rejected (and would leak it).
+HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+AUTO_CLASS = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+LICENSE_KEYS = ("license", "license_name", "license_link")
+
+
+def source_metadata(folder: str | Path) -> dict:
+    """The YAML front matter of the source adapter's README.md, or {} when there is none or it is broken."""
+    from huggingface_hub.repocard import metadata_load
+
+    card = Path(folder) / "README.md" if Path(folder).is_dir() else Path(folder).parent / "README.md"
+    try:
+        return (metadata_load(card) or {}) if card.is_file() else {}
+    except Exception:  # a malformed card upstream must not stop the compression
+        return {}
+
+
+def fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def model_card(report: dict, *, base_model: str | None, task_type: str | None, source_meta: dict | None = None, repo_id: str | None = None) -> str:
+    """README.md for a ``lora2vb`` output: Hub metadata, what was kept (sizes, ΔW error, the SVD figure at the
+    same size, retention if calibrated) and how to load it with PEFT. ``report`` is ``vbcompress.json``."""
+    from huggingface_hub import ModelCardData
+
+    source = report.get("hub_source") or {}
+    meta = {k: v for k, v in (source_meta or {}).items() if k in LICENSE_KEYS}
+    on_hub = base_model if base_model and HUB_MODEL_ID.match(base_model) else None
+    data = ModelCardData(
+        base_model=on_hub,
+        library_name="peft",
+        tags=["vblora", "vbcompress", "peft"] + ([f"base_model:adapter:{on_hub}"] if on_hub else []),
+        **meta,
+        **({"source_adapter": source["repo"], "source_revision": source["commit"]} if source else {}),
+    )
+    st, b, svd = report["settings"], report["bytes"], report["svd_baseline"]
+    name = source.get("ref") or Path(str(report["source"])).name
+    rows = [
+        ("Size", f"{fmt_bytes(b['vb'])}: {b['ratio']:.1%} of the source LoRA at fp16 ({fmt_bytes(b['source_fp16'])})"),
+        ("Vector bank", f"{st['num_vectors']} vectors × {st['vector_length']} ({st['bank_dtype']}), top-{st['topk']} mixtures, rank {st['rank']}"),
+        ("ΔW error", f"{report['total_rel_error']:.4f} (relative Frobenius error of the weight updates, all modules)"),
+        ("SVD truncation, same size", f"rank {svd['rank']}: ΔW error {svd['rel_error']:.4f}"),
+    ]
+    cal = report.get("calibration")
+    if cal and cal.get("retention_after"):
+        before, after = cal["retention_before"]["effect_retention"], cal["retention_after"]["effect_retention"]
+        rows.append(("Effect retention", f"{before:.3f} (weight fit) → {after:.3f} (calibrated), on {cal['heldout_samples']} held-out inputs ({cal['data']})"))
+    if b["carried"]:
+        rows.append(("Carried", f"{fmt_bytes(b['carried'])} of non-LoRA tensors (heads), as they were"))
+    verdict = (
+        f"\n**Read this before using it:** plain SVD truncation to rank {svd['rank']} keeps more of the source's weights "
+        "at this size. The ΔW error says how far this adapter's weight updates are from the source's; check the "
+        "behaviour on your own inputs (`vbcompress eval SOURCE THIS --base MODEL --data FILE`).\n"
+        if svd["rel_error"] < report["total_rel_error"]
+        else ""
+    )
+    where = repo_id or "path/to/this/folder"
+    auto = AUTO_CLASS.get(task_type or "", "AutoModel")
+    base_line = f'"{base_model}"' if base_model else '"BASE_MODEL"  # the model the source LoRA was trained on'
+    provenance = (
+        f"[{source['repo']}](https://huggingface.co/{source['repo']}) at revision `{source['revision']}` (commit `{source['commit']}`)"
+        if source
+        else f"`{name}`"
+    )
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"""---
+{data.to_yaml()}
+---
+
+# {name}, as a VB-LoRA vector bank
+
+This adapter is the LoRA {provenance} rewritten by [vbcompress](https://pypi.org/project/vbcompress/) {__version__}
+into PEFT's VB-LoRA format: every LoRA matrix is built from sub-vectors of length {st['vector_length']}, each a
+top-{st['topk']} mixture of vectors from one bank shared by all layers. It was distilled from the trained
+LoRA{" and calibrated on the function of base + LoRA" if cal else ""}, not trained from scratch.
+
+| What was kept | |
+|---|---|
+{table}
+{verdict}
+The full report, per module, is in `vbcompress.json`.
+
+## Use it with PEFT
+
+```python
+from peft import PeftModel
+from transformers import {auto}
+
+base = {auto}.from_pretrained({base_line})
+model = PeftModel.from_pretrained(base, "{where}")
+```
+
+Back to a plain LoRA (exact at full rank): `vbcompress vb2lora {where} -o lora/`.
+"""

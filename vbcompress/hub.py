@@ -1,0 +1,216 @@
+"""Hugging Face Hub access: resolve ``owner/name[/path][@revision]`` to files in the local cache, and push.
+
+Everything goes through huggingface_hub (its cache, ``HF_TOKEN``, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE``); this
+module only chooses which files to fetch and turns the Hub's exceptions into one-line :class:`HubError`\\ s.
+A local path always wins over a Hub id spelled the same.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import HubError
+
+# owner/name, then an optional path inside the repo, then an optional @revision (branch, tag or commit).
+HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<path>(?:/[\w.-]+)*)(?:@(?P<rev>[\w./-]+))?$")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+CARD = "README.md"
+# What a base model needs for merging and calibration: config, tokenizer, safetensors weights and index.
+BASE_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".tiktoken")
+
+
+@dataclass(frozen=True)
+class HubRef:
+    repo_id: str
+    path: str = ""  # folder or file inside the repo, "" for its root
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"/{self.path}" if self.path else "") + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_ref(text: str) -> HubRef | None:
+    """``owner/name[/path][@revision]`` as a :class:`HubRef`, or None if ``text`` cannot be a Hub id."""
+    m = HUB_REF.match(str(text))
+    if m is None or ".." in m["repo"] or any(part in (".", "..") for part in m["path"].split("/")[1:]):
+        return None
+    return HubRef(m["repo"], m["path"].lstrip("/"), m["rev"])
+
+
+def is_hub_ref(source: str | Path) -> bool:
+    """True if ``source`` is not an existing local path but reads as a Hub id."""
+    return not Path(source).exists() and isinstance(source, str) and parse_ref(source) is not None
+
+
+def local_path(source: str | Path, kind: str = "adapter", token: str | None = None) -> Path:
+    """A local path for ``source``: itself if it exists, else the cached download of a Hub id.
+
+    ``kind`` picks the files fetched: ``"adapter"`` (adapter weights, config and model card) or ``"base"``
+    (config, tokenizer and safetensors weights of a model). Anything else is returned as a Path, for the
+    caller to report as missing.
+    """
+    if not is_hub_ref(source):
+        return Path(source)
+    return download(parse_ref(str(source)), kind, token=token).path
+
+
+@dataclass(frozen=True)
+class Download:
+    ref: HubRef
+    path: Path  # the adapter file or folder, or the model folder, in the snapshot
+    commit: str  # the commit the snapshot was taken at
+
+
+def download(ref: HubRef | str, kind: str = "adapter", token: str | None = None) -> Download:
+    """Fetch only what ``kind`` needs from the Hub (or the cache when offline) and return where it lies."""
+    from huggingface_hub import snapshot_download
+
+    ref = parse_ref(ref) if isinstance(ref, str) else ref
+    if ref is None:
+        raise HubError(None, "not a Hub id (expected owner/name[/path][@revision])")
+    with hub_errors(ref):
+        files, target = select_files(ref, list_files(ref, token), kind)
+        folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=files, token=token))
+    return Download(ref=ref, path=folder / target, commit=folder.name)
+
+
+def list_files(ref: HubRef, token: str | None) -> list[str]:
+    """The repo's file paths at the revision: from the Hub, or from the cached listing when it cannot be reached."""
+    import httpx2
+    from huggingface_hub import HfApi, get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError, OfflineModeIsEnabled
+
+    try:
+        info = HfApi(token=token).model_info(ref.repo_id, revision=ref.revision)
+        return [s.rfilename for s in info.siblings or []]
+    except (OfflineModeIsEnabled, httpx2.ConnectError, httpx2.TimeoutException) as error:
+        offline = error
+    try:
+        return [f.path for f in get_cached_repo_tree(ref.repo_id, revision=ref.revision)]
+    except CachedRepoTreeNotFoundError:
+        if isinstance(offline, OfflineModeIsEnabled):
+            raise HubError(ref, "not in the local cache and HF_HUB_OFFLINE is set (download it once online)") from None
+        raise HubError(ref, f"cannot reach the Hub ({offline.__class__.__name__}) and it is not in the local cache") from None
+
+
+def select_files(ref: HubRef, files: list[str], kind: str) -> tuple[list[str], str]:
+    """Which of the repo's ``files`` to fetch for ``kind`` (mirroring how local folders are read), and the
+    path inside the repo that the command should then read."""
+    prefix = ref.path + "/" if ref.path else ""
+    if ref.path and ref.path in files:  # a single file named in the id
+        return [ref.path], ref.path
+    here = sorted(f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):])
+    if not here:
+        raise HubError(ref, f"no folder {ref.path!r} in the repository" if ref.path else "the repository is empty")
+    card = [CARD] if CARD in here else []
+    target = ref.path
+    if kind == "base":
+        chosen = [f for f in here if f.endswith(BASE_SUFFIXES)]
+        if not any(f.endswith(".safetensors") for f in chosen):
+            raise HubError(ref, f"no .safetensors weights in the repository (it holds: {shown(here)})")
+    else:
+        weights = [f for f in ADAPTER_WEIGHTS if f in here]
+        loose = [f for f in here if f.endswith(".safetensors")]
+        if weights and "adapter_config.json" in here:
+            chosen = ["adapter_config.json", weights[0]] + [f for f in ("vbcompress.json",) if f in here] + card
+        elif len(loose) == 1 or "pytorch_lora_weights.safetensors" in loose:
+            chosen = [loose[0] if len(loose) == 1 else "pytorch_lora_weights.safetensors"] + card
+            target = prefix + chosen[0]
+        else:
+            found = f"{len(loose)} .safetensors files; name one as {ref.repo_id}/FILE" if loose else f"it holds: {shown(here)}"
+            raise HubError(ref, f"no adapter files in the repository ({found})")
+    return [prefix + f for f in chosen], target
+
+
+def shown(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f", +{len(names) - limit} more" if len(names) > limit else "") if names else "nothing"
+
+
+class hub_errors:
+    """Turn huggingface_hub's exceptions into one-line :class:`HubError` naming ``where``."""
+
+    def __init__(self, where, action: str = "read"):
+        self.where, self.action = where, action
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or isinstance(error, HubError):
+            return False
+        import httpx2
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        where = self.where
+        if isinstance(error, GatedRepoError):
+            problem = "gated repository: accept its conditions on the Hub, then pass --token or set HF_TOKEN"
+        elif isinstance(error, RepositoryNotFoundError):
+            problem = "no such file or directory here, and no such repository on the Hub (a private one needs --token or HF_TOKEN)"
+        elif isinstance(error, RevisionNotFoundError):
+            problem = f"revision {getattr(where, 'revision', None)!r} not found in the repository"
+        elif isinstance(error, HfHubHTTPError) and error.response is not None and error.response.status_code in (401, 403):
+            problem = f"not authorised to {self.action} (HTTP {error.response.status_code}): pass --token or set HF_TOKEN with {self.action} access"
+        elif isinstance(error, OfflineModeIsEnabled) or (isinstance(error, LocalEntryNotFoundError) and is_offline()):
+            problem = "not in the local cache and HF_HUB_OFFLINE is set (download it once online)"
+        elif isinstance(error, (LocalEntryNotFoundError, httpx2.TransportError)):
+            problem = f"cannot reach the Hub and the files are not in the local cache ({error.__class__.__name__})"
+        elif isinstance(error, HfHubHTTPError):
+            status = error.response.status_code if error.response is not None else "?"
+            problem = f"the Hub answered HTTP {status}: {str(error).splitlines()[0]}"
+        else:
+            return False
+        raise HubError(where, problem) from error
+
+
+def is_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def create_repo(repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Create ``repo_id`` unless it exists (which also proves write access); returns its URL."""
+    from huggingface_hub import HfApi
+
+    target = parse_ref(repo_id)
+    if target is None or target.path or target.revision:
+        raise HubError(repo_id, "--push-to needs a repository id owner/name")
+    with hub_errors(repo_id, action="write"):
+        # private=None keeps the owner's default visibility; an existing repo keeps its own.
+        return str(HfApi(token=token).create_repo(repo_id, private=private or None, exist_ok=True))
+
+
+def push(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None, url: str | None = None) -> dict:
+    """Upload ``folder`` to ``repo_id`` as one commit, creating the repo unless its ``url`` is given
+    (already created); returns the repo, its URL and the commit."""
+    from huggingface_hub import HfApi
+
+    url = url or create_repo(repo_id, private=private, token=token)
+    with hub_errors(repo_id, action="write"):
+        commit = HfApi(token=token).upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload VB-LoRA adapter made with vbcompress")
+    return {"repo": repo_id, "url": url, "commit_url": commit.commit_url, "commit": commit.oid}
+
+
+def compress_from_hub(
+    ref: str, out: str | Path, *, push_to: str | None = None, private: bool = False, token: str | None = None, **options
+) -> dict:
+    """``vbcompress hub``: download the LoRA at ``ref``, run :func:`~vbcompress.compress.lora2vb` on it with
+    ``options`` (writing the model card), and with ``push_to`` upload the result. Returns the lora2vb report,
+    plus ``pushed`` (repo, URLs, commit) when it was uploaded."""
+    from .compress import lora2vb
+
+    # A bad target or missing write access fails before the long part, not after it.
+    url = create_repo(push_to, private=private, token=token) if push_to is not None else None
+    report = lora2vb(ref, out, token=token, repo_id=push_to, **options)
+    if push_to is not None:
+        report["pushed"] = push(out, push_to, token=token, url=url)
+    return report

@@ -84,7 +84,8 @@ def lora2vb(
     bank_dtype: str = "float32",
     base: str | Path | None = None,
     calibration: str | Path | None = None,
-    calib_steps: int = 200,
+    calib_steps: int = 400,
+    calib_lr: float = 1e-2,
     calib_samples: int = 256,
     format: str | None = None,
     overwrite: bool = False,
@@ -142,7 +143,7 @@ def lora2vb(
     if model is not None:
         from .bank.calibrate import CalibrationSettings, calibrate
 
-        cal = CalibrationSettings(steps=calib_steps, samples=calib_samples, seed=seed)
+        cal = CalibrationSettings(steps=calib_steps, samples=calib_samples, lr=calib_lr, seed=seed)
         data = "file" if texts else "data-free: " + ("samples of the base model" if model.causal else "random vocabulary")
         if texts is None:
             texts = model.data_free_texts(calib_samples, torch.Generator().manual_seed(seed), cal.max_length // 2)

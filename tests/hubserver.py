@@ -21,7 +21,9 @@ class Repo:
 
     def __init__(self, files: dict[str, bytes | Path], *, private: bool = False, gated: bool = False, branches=("main",)):
         self.files, self.private, self.gated = files, private, gated
-        self.oids = {p: hashlib.sha1(self.read(p)).hexdigest() for p in files}
+        contents = {p: self.read(p) for p in files}  # read once: the tree listing needs size and oid of every file
+        self.sizes = {p: len(data) for p, data in contents.items()}
+        self.oids = {p: hashlib.sha1(data).hexdigest() for p, data in contents.items()}
         self.sha = hashlib.sha1(json.dumps(sorted(self.oids.items())).encode()).hexdigest()
         self.refs = {b: self.sha for b in branches}
 
@@ -137,13 +139,21 @@ class FakeHub:
         self.error(h, 404, None, f"fake hub has no route for {method} {path}", method)
 
     # -- read ------------------------------------------------------------------------------------------
-    def info(self, h, repo_id: str, revision: str, method: str):
+    def at_revision(self, h, repo_id: str, revision: str, method: str) -> tuple[Repo, str] | None:
+        """The readable repo and the commit ``revision`` names, or None once the error is sent."""
         repo = self.readable(h, repo_id, method)
         if repo is None:
-            return
+            return None
         sha = repo.commit(revision)
         if sha is None:
-            return self.error(h, 404, "RevisionNotFound", f"Invalid rev id: {revision}", method)
+            self.error(h, 404, "RevisionNotFound", f"Invalid rev id: {revision}", method)
+            return None
+        return repo, sha
+
+    def info(self, h, repo_id: str, revision: str, method: str):
+        if (found := self.at_revision(h, repo_id, revision, method)) is None:
+            return
+        repo, sha = found
         self.send(h, 200, {
             "_id": repo_id, "id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
             "gated": repo.gated, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
@@ -151,26 +161,20 @@ class FakeHub:
         }, method=method)  # fmt: skip
 
     def tree(self, h, repo_id: str, revision: str, method: str):
-        repo = self.readable(h, repo_id, method)
-        if repo is None:
+        if (found := self.at_revision(h, repo_id, revision, method)) is None:
             return
-        if repo.commit(revision) is None:
-            return self.error(h, 404, "RevisionNotFound", f"Invalid rev id: {revision}", method)
-        entries = [{"type": "file", "path": p, "size": len(repo.read(p)), "oid": repo.oids[p]} for p in sorted(repo.files)]
+        repo, _ = found
+        entries = [{"type": "file", "path": p, "size": repo.sizes[p], "oid": repo.oids[p]} for p in sorted(repo.files)]
         self.send(h, 200, entries, method=method)
 
     def resolve(self, h, repo_id: str, revision: str, filename: str, method: str):
-        repo = self.readable(h, repo_id, method)
-        if repo is None:
+        if (found := self.at_revision(h, repo_id, revision, method)) is None:
             return
-        sha = repo.commit(revision)
-        if sha is None:
-            return self.error(h, 404, "RevisionNotFound", f"Invalid rev id: {revision}", method)
+        repo, sha = found
         if filename not in repo.files:
             return self.error(h, 404, "EntryNotFound", f"{filename} does not exist", method)
-        data = repo.read(filename)
         etag = f'"{repo.oids[filename]}"'
-        self.send(h, 200, data, {"X-Repo-Commit": sha, "ETag": etag, "Content-Type": "application/octet-stream"}, method)
+        self.send(h, 200, repo.read(filename), {"X-Repo-Commit": sha, "ETag": etag, "Content-Type": "application/octet-stream"}, method)
 
     # -- write -----------------------------------------------------------------------------------------
     def create(self, h, payload: dict):

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from . import __version__
+from .metrics import fmt_bytes
 
 # Only these are valid `base_model` values on the Hub; a local path would be rejected (and would leak it).
 HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -28,14 +29,6 @@ def source_metadata(folder: str | Path) -> dict:
         return (metadata_load(card) or {}) if card.is_file() else {}
     except Exception:  # a malformed card upstream must not stop the compression
         return {}
-
-
-def fmt_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.2f} GB"
 
 
 def model_card(report: dict, *, base_model: str | None, task_type: str | None, source_meta: dict | None = None, repo_id: str | None = None) -> str:

@@ -10,6 +10,7 @@ import click
 from . import __version__
 from .errors import VBCompressError
 from .formats import FORMATS
+from .metrics import fmt_bytes
 
 
 class Group(click.Group):
@@ -23,16 +24,6 @@ class Group(click.Group):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
-
-
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def fmt_num(x, spec: str = ".3g") -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from vbcompress import load_adapter
-from vbcompress.bank.calibrate import Base, read_texts, retention
+from vbcompress import CalibrationSettings, FitSettings, OutputSettings, load_adapter
+from vbcompress.basemodel import Base, read_texts, retention
 from vbcompress.compress import lora2vb
 from vbcompress.dense import truncate
 from vbcompress.metrics import delta_errors
@@ -32,7 +32,7 @@ CONFIGS = [  # (N, L, bank dtype, rank, also weights-only)
 def trained_low_rank(source, base, texts: list[str], rank: int, steps: int, lr: float = 1e-3) -> dict:
     """The strongest plain baseline at a byte budget: a rank-r LoRA started at the SVD truncation and trained
     on the same calibration inputs and loss as the bank. Returns module → ΔW (fp16-rounded factors)."""
-    from vbcompress.bank.calibrate import effect_distance
+    from vbcompress.basemodel import effect_distance
 
     torch.manual_seed(0)
     params = {}
@@ -73,7 +73,7 @@ def main() -> None:
     ref = {n: m.delta_weight() for n, m in source.modules.items()}
 
     def score(deltas: dict) -> float:
-        return retention(base, held, ref, deltas, 128)["effect_retention"]
+        return retention(base, held, ref, deltas, 128).effect_retention
 
     def deltas_of(adapter) -> dict:
         return {n: m.delta_weight() for n, m in adapter.modules.items()}
@@ -95,10 +95,10 @@ def main() -> None:
         for n, length, dtype, rank, weights_only in CONFIGS:
             for calibrated in (False, True) if weights_only else (True,):
                 out = Path(tmp) / f"{n}-{length}-{dtype}-r{rank}-{calibrated}"
-                extra = {"base": base_dir, "calibration": calibration, "calib_steps": args.steps, "calib_samples": args.samples} if calibrated else {}
-                rep = lora2vb(adapter_dir, out, num_vectors=n, vector_length=length, bank_dtype=dtype, rank=rank, **extra)
+                extra = {"base": base_dir, "texts": calibration, "calibration": CalibrationSettings(steps=args.steps, samples=args.samples)} if calibrated else {}
+                rep = lora2vb(adapter_dir, out, FitSettings(num_vectors=n, vector_length=length, rank=rank), output=OutputSettings(bank_dtype=dtype), **extra)
                 label = f"bank N={n} L={length} {dtype}" + (f" r={rank}" if rank else "") + (" + calibration" if calibrated else " (weights only)")
-                print(f"| {label} | {rep['bytes']['ratio']:.1%} | {rep['total_rel_error']:.3f} | {score(deltas_of(load_adapter(out))):.3f} |", flush=True)
+                print(f"| {label} | {rep.bytes.ratio:.1%} | {rep.total_rel_error:.3f} | {score(deltas_of(load_adapter(out))):.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from vbcompress import load_adapter
+from vbcompress import CalibrationSettings, FitSettings, load_adapter
 from vbcompress.bank import fit
-from vbcompress.bank.calibrate import read_texts
+from vbcompress.basemodel import read_texts
 from vbcompress.compress import lora2vb
 from vbcompress.errors import FormatError, ShapeError
 from vbcompress.evaluate import evaluate
@@ -31,18 +31,18 @@ def heldout(tmp_path_factory):
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     out = tmp_path_factory.mktemp("cal") / "cal"
-    report = lora2vb(MINILM_ADAPTER, out, base=MINILM_BASE, calibration=CALIBRATION, calib_steps=60, calib_samples=96, **SMALL)
+    report = lora2vb(MINILM_ADAPTER, out, FitSettings(**SMALL), calibration=CalibrationSettings(steps=60, samples=96), base=MINILM_BASE, texts=CALIBRATION)
     return out, report
 
 
 def test_calibration_improves_heldout_retention_over_weight_only(tmp_path, calibrated, heldout):
     out, report = calibrated
-    lora2vb(MINILM_ADAPTER, tmp_path / "weights", **SMALL)
-    weight_only = evaluate(MINILM_ADAPTER, tmp_path / "weights", base=MINILM_BASE, data=heldout)["function"]
-    calibrated_ = evaluate(MINILM_ADAPTER, out, base=MINILM_BASE, data=heldout)["function"]
-    assert calibrated_["effect_retention"] > weight_only["effect_retention"] + 0.1
-    cal = report["calibration"]
-    assert cal["retention_after"]["effect_retention"] > cal["retention_before"]["effect_retention"]
+    lora2vb(MINILM_ADAPTER, tmp_path / "weights", FitSettings(**SMALL))
+    weight_only = evaluate(MINILM_ADAPTER, tmp_path / "weights", base=MINILM_BASE, data=heldout).function
+    calibrated_ = evaluate(MINILM_ADAPTER, out, base=MINILM_BASE, data=heldout).function
+    assert calibrated_.effect_retention > weight_only.effect_retention + 0.1
+    cal = report.calibration
+    assert cal.retention_after.effect_retention > cal.retention_before.effect_retention
     assert json.loads((out / "vbcompress.json").read_text())["calibration"]["data"] == "file"
 
 
@@ -58,13 +58,13 @@ def test_calibrated_adapter_loads_in_peft_and_matches_reconstruction(calibrated,
 
 
 def test_eval_of_an_adapter_against_itself_retains_everything(heldout):
-    f = evaluate(MINILM_ADAPTER, MINILM_ADAPTER, base=MINILM_BASE, data=heldout)["function"]
-    assert f["effect_retention"] == pytest.approx(1.0) and f["mean_cosine"] == pytest.approx(1.0)
+    f = evaluate(MINILM_ADAPTER, MINILM_ADAPTER, base=MINILM_BASE, data=heldout).function
+    assert f.effect_retention == pytest.approx(1.0) and f.mean_cosine == pytest.approx(1.0)
 
 
 def test_data_free_calibration_runs_and_says_so(tmp_path):
-    report = lora2vb(MINILM_ADAPTER, tmp_path / "o", base=MINILM_BASE, calib_steps=5, calib_samples=16, **SMALL)
-    assert report["calibration"]["data"] == "data-free: random vocabulary"
+    report = lora2vb(MINILM_ADAPTER, tmp_path / "o", FitSettings(**SMALL), calibration=CalibrationSettings(steps=5, samples=16), base=MINILM_BASE)
+    assert report.calibration.data == "data-free: random vocabulary"
 
 
 def test_bad_base_is_refused_before_any_training(tmp_path, monkeypatch):
@@ -79,7 +79,7 @@ def test_bad_base_is_refused_before_any_training(tmp_path, monkeypatch):
     monkeypatch.setattr(fit, "fit_bank", no_training)
     monkeypatch.setattr("vbcompress.compress.fit_bank", no_training)
     with pytest.raises(ShapeError, match=r"base model does not fit the adapter: encoder\.layer\.0\.attention\.self\.query \(weight \[64, 64\], adapter ΔW \[384, 384\]\)"):
-        lora2vb(MINILM_ADAPTER, tmp_path / "o", base=tmp_path / "tiny", calibration=CALIBRATION)
+        lora2vb(MINILM_ADAPTER, tmp_path / "o", base=tmp_path / "tiny", texts=CALIBRATION)
     assert not (tmp_path / "o").exists()
 
 

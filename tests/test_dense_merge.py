@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vbcompress import load_adapter, write_peft_lora
+from vbcompress import FitSettings, RankSettings, load_adapter, write_peft_lora
 from vbcompress.adapter import LoraModule
 from vbcompress.compress import lora2vb
 from vbcompress.dense import to_lora
@@ -23,7 +23,7 @@ from .conftest import ADAPTERS, MINILM_ADAPTER, MINILM_BASE, skeleton_model
 @pytest.fixture(scope="module")
 def minilm_vb(tmp_path_factory):
     out = tmp_path_factory.mktemp("vb") / "vb"
-    lora2vb(MINILM_ADAPTER, out, num_vectors=128, vector_length=128, iters=4, refine_steps=30)
+    lora2vb(MINILM_ADAPTER, out, FitSettings(num_vectors=128, vector_length=128, iters=4, refine_steps=30))
     return out
 
 
@@ -31,7 +31,7 @@ def minilm_vb(tmp_path_factory):
 def test_full_rank_reproduces_delta_weight(tmp_path, src):
     report = to_lora(ADAPTERS / src, tmp_path / "o")
     errors = delta_errors(load_adapter(ADAPTERS / src), load_adapter(tmp_path / "o"))
-    assert errors.total_rel_error <= 1e-5 and report["rel_error"] <= 1e-6
+    assert errors.total_rel_error <= 1e-5 and report.rel_error <= 1e-6
     assert load_adapter(tmp_path / "o").carried.keys() == load_adapter(ADAPTERS / src).carried.keys()
 
 
@@ -51,12 +51,12 @@ def test_agrees_with_peft_convert_to_lora_on_vblora(tmp_path, minilm_vb, rank):
     model = PeftModel.from_pretrained(skeleton_model(vb), str(minilm_vb), config=config)
     lora_config, state = convert_to_lora(model, rank)
     # PEFT's float rank is Σσ² ≥ t·Σσ²: our fro rule with X = √t.
-    ours = to_lora(minilm_vb, tmp_path / "o", rank="auto", rule="fro", threshold=math.sqrt(rank)) if isinstance(rank, float) else to_lora(minilm_vb, tmp_path / "o", rank=rank)
-    for row in ours["modules"]:
-        a = next(v for k, v in state.items() if f"{row['name']}.lora_A" in k)
-        assert row["rank"] == a.shape[0]
-        b = next(v for k, v in state.items() if f"{row['name']}.lora_B" in k)
-        m = load_adapter(tmp_path / "o").modules[row["name"]]
+    ours = to_lora(minilm_vb, tmp_path / "o", "auto", RankSettings(rule="fro", threshold=math.sqrt(rank))) if isinstance(rank, float) else to_lora(minilm_vb, tmp_path / "o", rank=rank)
+    for row in ours.modules:
+        a = next(v for k, v in state.items() if f"{row.name}.lora_A" in k)
+        assert row.rank == a.shape[0]
+        b = next(v for k, v in state.items() if f"{row.name}.lora_B" in k)
+        m = load_adapter(tmp_path / "o").modules[row.name]
         torch.testing.assert_close(m.delta_weight(), b.float() @ a.float() * lora_config.lora_alpha / lora_config.r, rtol=1e-4, atol=1e-6)
 
 
@@ -64,24 +64,24 @@ def test_agrees_with_peft_convert_to_lora_on_vblora(tmp_path, minilm_vb, rank):
 @pytest.mark.parametrize("rule, threshold", [("sara", 0.8), ("fro", 0.9), ("ratio", 4.0)])
 def test_rank_rules_match_dense_svd_and_report_true_error(tmp_path, name, rule, threshold):
     source = load_adapter(ADAPTERS / name)
-    report = to_lora(ADAPTERS / name, tmp_path / "o", rank="auto", rule=rule, threshold=threshold)
-    for row in report["modules"]:
-        s = torch.linalg.svdvals(source.modules[row["name"]].delta_weight().double())
-        s = s[: source.modules[row["name"]].r]
+    report = to_lora(ADAPTERS / name, tmp_path / "o", "auto", RankSettings(rule=rule, threshold=threshold))
+    for row in report.modules:
+        s = torch.linalg.svdvals(source.modules[row.name].delta_weight().double())
+        s = s[: source.modules[row.name].r]
         if rule == "sara":
             expected = int((s.cumsum(0) < threshold * s.sum() * (1 - 1e-9)).sum()) + 1
         elif rule == "fro":
             expected = int((s.square().cumsum(0) < threshold**2 * s.square().sum() * (1 - 1e-9)).sum()) + 1
         else:
             expected = int((s > s[0] / threshold).sum())
-        assert row["rank"] == expected
+        assert row.rank == expected
     measured = delta_errors(source, load_adapter(tmp_path / "o")).total_rel_error
-    assert measured == pytest.approx(report["rel_error"], rel=1e-4, abs=1e-6)
-    assert report["retained_fro"] == pytest.approx(math.sqrt(1 - measured**2), rel=1e-4)
+    assert measured == pytest.approx(report.rel_error, rel=1e-4, abs=1e-6)
+    assert report.retained_fro == pytest.approx(math.sqrt(1 - measured**2), rel=1e-4)
 
 
 def test_per_module_ranks_load_in_peft(tmp_path):
-    to_lora(MINILM_ADAPTER, tmp_path / "o", rank="auto", rule="sara", threshold=0.7)
+    to_lora(MINILM_ADAPTER, tmp_path / "o", "auto", RankSettings(rule="sara", threshold=0.7))
     config = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
     assert config["rank_pattern"]
     ours = load_adapter(tmp_path / "o")
@@ -99,8 +99,8 @@ def test_resize_of_a_rank_2r_adapter(tmp_path):
         m.A, m.B = torch.cat([m.A, m.A]), torch.cat([2 * m.B, -m.B], dim=1)
         m.scale = m.scale / 2 * 2  # alpha/r changes below through the config
     write_peft_lora(source, tmp_path / "r16")
-    report = to_lora(tmp_path / "r16", tmp_path / "r8", rank="auto", rule="fro", threshold=1.0)
-    assert {row["rank"] for row in report["modules"]} == {8}
+    report = to_lora(tmp_path / "r16", tmp_path / "r8", "auto", RankSettings(rule="fro", threshold=1.0))
+    assert {row.rank for row in report.modules} == {8}
     assert delta_errors(load_adapter(tmp_path / "r16"), load_adapter(tmp_path / "r8")).total_rel_error < 1e-5
 
 

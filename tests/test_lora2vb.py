@@ -12,7 +12,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vbcompress import load_adapter, write_peft_lora
+from vbcompress import FitSettings, OutputSettings, load_adapter, write_peft_lora
 from vbcompress.card import model_card
 from vbcompress.compress import lora2vb
 from vbcompress.errors import ShapeError, VBCompressError
@@ -30,13 +30,13 @@ def digest(directory):
 @pytest.fixture(scope="module")
 def minilm_vb(tmp_path_factory):
     out = tmp_path_factory.mktemp("vb") / "minilm-vb"
-    report = lora2vb(MINILM_ADAPTER, out, num_vectors=256, vector_length=128)
+    report = lora2vb(MINILM_ADAPTER, out, FitSettings(num_vectors=256, vector_length=128))
     return out, report
 
 
 def test_minilm_meets_the_error_target(minilm_vb):
     _, report = minilm_vb
-    assert report["total_rel_error"] <= 0.23
+    assert report.total_rel_error <= 0.23
 
 
 def test_peft_loads_compact_output_on_minilm(minilm_vb, minilm):
@@ -63,8 +63,8 @@ def test_output_has_a_model_card_with_the_measured_figures(minilm_vb):
     meta = yaml.safe_load(card.split("---\n")[1])
     assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" and meta["library_name"] == "peft"
     assert "source_adapter" not in meta  # a local source: its path stays out of a publishable card
-    assert f"{report['total_rel_error']:.4f}" in card and f"{report['bytes']['ratio']:.1%}" in card
-    assert f"rank {report['svd_baseline']['rank']}: ΔW error {report['svd_baseline']['rel_error']:.4f}" in card
+    assert f"{report.total_rel_error:.4f}" in card and f"{report.bytes.ratio:.1%}" in card
+    assert f"rank {report.svd_baseline.rank}: ΔW error {report.svd_baseline.rel_error:.4f}" in card
 
 
 def test_card_keeps_the_source_license_and_drops_a_local_base_path(minilm_vb):
@@ -79,45 +79,45 @@ def test_report_error_equals_error_recomputed_from_files(minilm_vb):
     out, report = minilm_vb
     on_disk = json.loads((out / "vbcompress.json").read_text())
     recomputed = evaluate(MINILM_ADAPTER, out)
-    assert on_disk["total_rel_error"] == pytest.approx(recomputed["delta"]["total_rel_error"], rel=1e-9)
-    assert on_disk["bytes"]["vb"] == recomputed["sizes"]["cand_bytes"]
+    assert on_disk["total_rel_error"] == pytest.approx(recomputed.delta.total_rel_error, rel=1e-9)
+    assert on_disk["bytes"]["vb"] == recomputed.sizes.cand_bytes
     assert on_disk["bytes"]["ratio"] == pytest.approx(on_disk["bytes"]["vb"] / (2 * 73_728))
-    for row in recomputed["delta"]["modules"]:
-        assert on_disk["modules"][row["name"]]["rel_error"] == pytest.approx(row["rel_error"], rel=1e-9)
+    for row in recomputed.delta.modules:
+        assert on_disk["modules"][row.name]["rel_error"] == pytest.approx(row.rel_error, rel=1e-9)
 
 
 def test_same_seed_gives_byte_identical_output(tmp_path):
-    a = lora2vb(MINILM_ADAPTER, tmp_path / "a", num_vectors=64, seed=3, **FAST)
-    b = lora2vb(MINILM_ADAPTER, tmp_path / "b", num_vectors=64, seed=3, **FAST)
-    assert digest(tmp_path / "a") == digest(tmp_path / "b") and a == b
-    lora2vb(MINILM_ADAPTER, tmp_path / "c", num_vectors=64, seed=4, **FAST)
+    a = lora2vb(MINILM_ADAPTER, tmp_path / "a", FitSettings(num_vectors=64, seed=3, **FAST))
+    b = lora2vb(MINILM_ADAPTER, tmp_path / "b", FitSettings(num_vectors=64, seed=3, **FAST))
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") and a.to_json() == b.to_json()
+    lora2vb(MINILM_ADAPTER, tmp_path / "c", FitSettings(num_vectors=64, seed=4, **FAST))
     assert digest(tmp_path / "c")["adapter_model.safetensors"] != digest(tmp_path / "a")["adapter_model.safetensors"]
 
 
 @pytest.mark.parametrize("num_vectors, dtype", [(64, torch.uint8), (300, torch.int16)])
 def test_index_dtype_follows_bank_size(tmp_path, num_vectors, dtype):
-    lora2vb(MINILM_ADAPTER, tmp_path / "o", num_vectors=num_vectors, vector_length=64, **FAST)
+    lora2vb(MINILM_ADAPTER, tmp_path / "o", FitSettings(num_vectors=num_vectors, vector_length=64, **FAST))
     with safe_open(str(tmp_path / "o" / "adapter_model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys() if k.endswith("_topk_indices")} == {dtype}
 
 
 @pytest.mark.parametrize("topk", [1, 3])
 def test_topk_1_and_3_load_in_peft_with_our_delta_weights(tmp_path, topk):
-    report = lora2vb(MINILM_ADAPTER, tmp_path / "o", num_vectors=128, vector_length=64, topk=topk, **FAST)
+    report = lora2vb(MINILM_ADAPTER, tmp_path / "o", FitSettings(num_vectors=128, vector_length=64, topk=topk, **FAST))
     ours = load_adapter(tmp_path / "o")
-    assert ours.vector_bank.topk == topk and report["total_rel_error"] < 1
+    assert ours.vector_bank.topk == topk and report.total_rel_error < 1
     theirs = peft_delta_weights(tmp_path / "o", ours)
     for name, m in ours.modules.items():
         torch.testing.assert_close(m.delta_weight(), theirs[name], rtol=1e-4, atol=1e-6)
 
 
 def test_more_mixed_vectors_fit_better(tmp_path):
-    errors = [lora2vb(MINILM_ADAPTER, tmp_path / f"k{k}", num_vectors=128, vector_length=64, topk=k, iters=20, refine_steps=100)["total_rel_error"] for k in (1, 2, 3)]
+    errors = [lora2vb(MINILM_ADAPTER, tmp_path / f"k{k}", FitSettings(num_vectors=128, vector_length=64, topk=k, iters=20, refine_steps=100)).total_rel_error for k in (1, 2, 3)]
     assert errors[0] > errors[1] > errors[2]
 
 
 def test_full_logits_layout_loads_in_peft(tmp_path):
-    lora2vb(MINILM_ADAPTER, tmp_path / "o", num_vectors=64, full_logits=True, **FAST)
+    lora2vb(MINILM_ADAPTER, tmp_path / "o", FitSettings(num_vectors=64, **FAST), output=OutputSettings(full_logits=True))
     config = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
     assert config["save_only_topk_weights"] is False
     ours = load_adapter(tmp_path / "o")
@@ -134,8 +134,8 @@ def test_module_with_all_zero_b(tmp_path):
     zero = "encoder.layer.0.attention.self.query"
     tensors[f"base_model.model.{zero}.lora_B.weight"].zero_()
     save_file(tensors, src / "adapter_model.safetensors")
-    report = lora2vb(src, tmp_path / "o", num_vectors=64, **FAST)
-    assert report["zero_modules"] == [zero] and report["modules"][zero]["rel_error"] is None
+    report = lora2vb(src, tmp_path / "o", FitSettings(num_vectors=64, **FAST))
+    assert report.zero_modules == [zero] and report.modules[zero].rel_error is None
     out = load_adapter(tmp_path / "o")
     leak = out.modules[zero].delta_weight().norm()
     typical = min(m.delta_weight().norm() for n, m in load_adapter(src).modules.items() if n != zero)
@@ -144,7 +144,7 @@ def test_module_with_all_zero_b(tmp_path):
 
 def test_indivisible_vector_length_names_the_module(tmp_path):
     with pytest.raises(ShapeError, match=r"module encoder\.layer\.0\.attention\.self\.query: in dimension 384 is not divisible by vector length 100"):
-        lora2vb(MINILM_ADAPTER, tmp_path / "o", vector_length=100)
+        lora2vb(MINILM_ADAPTER, tmp_path / "o", FitSettings(vector_length=100))
     assert not (tmp_path / "o").exists()
 
 
@@ -153,24 +153,24 @@ def test_auto_vector_length_for_odd_dimensions(tmp_path):
     for m in adapter.modules.values():  # 384 → 48: only 16 divides it
         m.A, m.B = m.A[:, :48].contiguous(), m.B[:48].contiguous()
     write_peft_lora(adapter, tmp_path / "small")
-    report = lora2vb(tmp_path / "small", tmp_path / "o", num_vectors=32, **FAST)
-    assert report["settings"]["vector_length"] == 16
+    report = lora2vb(tmp_path / "small", tmp_path / "o", FitSettings(num_vectors=32, **FAST))
+    assert report.fit.vector_length == 16
 
 
 def test_inputs_untouched_and_existing_output_protected(tmp_path):
     before = digest(MINILM_ADAPTER)
-    lora2vb(MINILM_ADAPTER, tmp_path / "o", num_vectors=32, **FAST)
+    lora2vb(MINILM_ADAPTER, tmp_path / "o", FitSettings(num_vectors=32, **FAST))
     assert digest(MINILM_ADAPTER) == before
-    with pytest.raises(VBCompressError, match="--overwrite"):
-        lora2vb(MINILM_ADAPTER, tmp_path / "o", num_vectors=32, **FAST)
+    with pytest.raises(VBCompressError, match="use overwrite to replace it"):
+        lora2vb(MINILM_ADAPTER, tmp_path / "o", FitSettings(num_vectors=32, **FAST))
     src = tmp_path / "copy"
     shutil.copytree(MINILM_ADAPTER, src)
     with pytest.raises(VBCompressError, match="overwrite the input"):
-        lora2vb(src, src, num_vectors=32, overwrite=True, **FAST)
+        lora2vb(src, src, FitSettings(num_vectors=32, **FAST), overwrite=True)
 
 
 def test_rank_option_keeps_top_directions(tmp_path):
-    full = lora2vb(MINILM_ADAPTER, tmp_path / "r8", num_vectors=64, **FAST)
-    low = lora2vb(MINILM_ADAPTER, tmp_path / "r2", num_vectors=64, rank=2, **FAST)
+    full = lora2vb(MINILM_ADAPTER, tmp_path / "r8", FitSettings(num_vectors=64, **FAST))
+    low = lora2vb(MINILM_ADAPTER, tmp_path / "r2", FitSettings(num_vectors=64, rank=2, **FAST))
     assert json.loads((tmp_path / "r2" / "adapter_config.json").read_text())["r"] == 2
-    assert low["bytes"]["codes"] == full["bytes"]["codes"] // 4
+    assert low.bytes.codes == full.bytes.codes // 4

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .errors import ShapeError
+
 LINEAR, EMBEDDING, CONV = "linear", "embedding", "conv"
 
 
@@ -134,6 +136,14 @@ class Adapter:
     @property
     def num_carried_params(self) -> int:
         return sum(t.numel() for t in self.carried.values())
+
+    def fan_in_fan_out(self) -> bool:
+        """The one ``fan_in_fan_out`` of the adapter's non-embedding modules (PEFT and VB-LoRA store one per
+        adapter); the config's when it holds codes only. Raises ShapeError when modules mix both layouts."""
+        fan = {m.fan_in_fan_out for m in self.modules.values() if m.kind != EMBEDDING}
+        if len(fan) > 1:
+            raise ShapeError(self.source, "PEFT has one fan_in_fan_out per adapter; this one mixes both layouts")
+        return fan.pop() if fan else bool(self.config.get("fan_in_fan_out"))
 
     @property
     def ranks(self) -> list[int]:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
-from . import __version__
+from dataclasses import asdict
+
 from .metrics import fmt_bytes
+from .results import CompressReport
+from .version import __version__
 
 # Only these are valid `base_model` values on the Hub; a local path would be rejected (and would leak it).
 HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -31,12 +35,14 @@ def source_metadata(folder: str | Path) -> dict:
         return {}
 
 
-def model_card(report: dict, *, base_model: str | None, task_type: str | None, source_meta: dict | None = None, repo_id: str | None = None) -> str:
+def model_card(
+    report: CompressReport, *, base_model: str | None, task_type: str | None, source_meta: dict | None = None, repo_id: str | None = None
+) -> str:
     """README.md for a ``lora2vb`` output: Hub metadata, what was kept (sizes, ΔW error, the SVD figure at the
-    same size, retention if calibrated) and how to load it with PEFT. ``report`` is ``vbcompress.json``."""
+    same size, retention if calibrated) and how to load it with PEFT."""
     from huggingface_hub import ModelCardData
 
-    source = report.get("hub_source") or {}
+    source = asdict(report.hub_source) if report.hub_source else {}
     meta = {k: v for k, v in (source_meta or {}).items() if k in LICENSE_KEYS}
     on_hub = base_model if base_model and HUB_MODEL_ID.match(base_model) else None
     data = ModelCardData(
@@ -46,30 +52,31 @@ def model_card(report: dict, *, base_model: str | None, task_type: str | None, s
         **meta,
         **({"source_adapter": source["repo"], "source_revision": source["commit"]} if source else {}),
     )
-    st, b, svd = report["settings"], report["bytes"], report["svd_baseline"]
-    name = source.get("ref") or Path(str(report["source"])).name
+    fit, b, svd = report.fit, report.bytes, report.svd_baseline
+    name = source.get("ref") or Path(report.source).name
     rows = [
-        ("Size", f"{fmt_bytes(b['vb'])}: {b['ratio']:.1%} of the source LoRA at fp16 ({fmt_bytes(b['source_fp16'])})"),
-        ("Vector bank", f"{st['num_vectors']} vectors × {st['vector_length']} ({st['bank_dtype']}), top-{st['topk']} mixtures, rank {st['rank']}"),
-        ("ΔW error", f"{report['total_rel_error']:.4f} (relative Frobenius error of the weight updates, all modules)"),
-        ("SVD truncation, same size", f"rank {svd['rank']}: ΔW error {svd['rel_error']:.4f}"),
+        ("Size", f"{fmt_bytes(b.vb)}: {b.ratio:.1%} of the source LoRA at fp16 ({fmt_bytes(b.source_fp16)})"),
+        ("Vector bank", f"{fit.num_vectors} vectors × {fit.vector_length} ({report.output.bank_dtype}), top-{fit.topk} mixtures, rank {fit.rank}"),
+        ("ΔW error", f"{fmt_error(report.total_rel_error)} (relative Frobenius error of the weight updates, all modules)"),
+        ("SVD truncation, same size", f"rank {svd.rank}: ΔW error {svd.rel_error:.4f}"),
     ]
-    cal = report.get("calibration")
-    if cal and cal.get("retention_after"):
-        before, after = cal["retention_before"]["effect_retention"], cal["retention_after"]["effect_retention"]
-        rows.append(("Effect retention", f"{before:.3f} (weight fit) → {after:.3f} (calibrated), on {cal['heldout_samples']} held-out inputs ({cal['data']})"))
-    if b["carried"]:
-        rows.append(("Carried", f"{fmt_bytes(b['carried'])} of non-LoRA tensors (heads), as they were"))
+    cal = report.calibration
+    if cal and cal.retention_after and cal.retention_before:
+        before, after = cal.retention_before.effect_retention, cal.retention_after.effect_retention
+        rows.append(("Effect retention", f"{fmt_error(before, '.3f')} (weight fit) → {fmt_error(after, '.3f')} (calibrated), on {cal.heldout_samples} held-out inputs ({cal.data})"))
+    if b.carried:
+        rows.append(("Carried", f"{fmt_bytes(b.carried)} of non-LoRA tensors (heads), as they were"))
     verdict = (
-        f"\n**Read this before using it:** plain SVD truncation to rank {svd['rank']} keeps more of the source's weights "
+        f"\n**Read this before using it:** plain SVD truncation to rank {svd.rank} keeps more of the source's weights "
         "at this size. The ΔW error says how far this adapter's weight updates are from the source's; check the "
         "behaviour on your own inputs (`vbcompress eval SOURCE THIS --base MODEL --data FILE`).\n"
-        if svd["rel_error"] < report["total_rel_error"]
+        if report.svd_keeps_more
         else ""
     )
     where = repo_id or "path/to/this/folder"
     auto = AUTO_CLASS.get(task_type or "", "AutoModel")
-    base_line = f'"{base_model}"' if base_model else '"BASE_MODEL"  # the model the source LoRA was trained on'
+    # A JSON string is a valid Python literal of whatever the config says: a config value cannot inject code.
+    base_line = json.dumps(base_model) if base_model else '"BASE_MODEL"  # the model the source LoRA was trained on'
     provenance = (
         f"[{source['repo']}](https://huggingface.co/{source['repo']}) at revision `{source['revision']}` (commit `{source['commit']}`)"
         if source
@@ -83,8 +90,8 @@ def model_card(report: dict, *, base_model: str | None, task_type: str | None, s
 # {name}, as a VB-LoRA vector bank
 
 This adapter is the LoRA {provenance} rewritten by [vbcompress](https://pypi.org/project/vbcompress/) {__version__}
-into PEFT's VB-LoRA format: every LoRA matrix is built from sub-vectors of length {st['vector_length']}, each a
-top-{st['topk']} mixture of vectors from one bank shared by all layers. It was distilled from the trained
+into PEFT's VB-LoRA format: every LoRA matrix is built from sub-vectors of length {fit.vector_length}, each a
+top-{fit.topk} mixture of vectors from one bank shared by all layers. It was distilled from the trained
 LoRA{" and calibrated on the function of base + LoRA" if cal else ""}, not trained from scratch.
 
 | What was kept | |
@@ -100,8 +107,13 @@ from peft import PeftModel
 from transformers import {auto}
 
 base = {auto}.from_pretrained({base_line})
-model = PeftModel.from_pretrained(base, "{where}")
+model = PeftModel.from_pretrained(base, {json.dumps(where)})
 ```
 
 Back to a plain LoRA (exact at full rank): `vbcompress vb2lora {where} -o lora/`.
 """
+
+
+def fmt_error(x: float | None, spec: str = ".4f") -> str:
+    """A figure that may be undefined (an adapter whose ΔW is zero has no relative error)."""
+    return "n/a" if x is None else format(x, spec)

@@ -7,10 +7,20 @@ import sys
 
 import click
 
-from . import __version__
+from dataclasses import MISSING, fields
+
 from .errors import VBCompressError
 from .formats import FORMATS
 from .metrics import fmt_bytes
+from .settings import CalibrationSettings, FitSettings, MergeSettings, OutputSettings, RankSettings
+from .version import __version__
+
+# Library setting names whose flag is not simply --setting-name.
+FLAGS = {"texts": "--calibration", "adapter_src": "--adapter", "format": "--format"}
+
+
+def flag_of(setting: str) -> str:
+    return FLAGS.get(setting) or "--" + setting.replace("_", "-")
 
 
 class Group(click.Group):
@@ -22,8 +32,43 @@ class Group(click.Group):
         except VBCompressError as e:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {e.render(flag_of)}", err=True)
             sys.exit(2)
+
+
+def options_for(cls, prefix: str = "", skip: tuple[str, ...] = ()):
+    """A decorator adding a click option for every CLI-visible field of the settings dataclass ``cls``:
+    ``--{prefix}{field-name}``, its help, default and choices taken from the field."""
+    opts = []
+    for f in fields(cls):
+        md = f.metadata
+        if not md.get("cli", False) or f.name in skip:
+            continue
+        flag = "--" + prefix + f.name.replace("_", "-")
+        if prefix:
+            FLAGS[f.name] = flag
+        decls = [flag] + ([md["short"]] if md.get("short") else [])
+        dest = (prefix + f.name).replace("-", "_")
+        default = f.default if f.default is not MISSING else None
+        if isinstance(default, bool):
+            opts.append(click.option(*decls, dest, is_flag=True, default=default, help=md["help"]))
+            continue
+        kind = click.Choice(md["choices"]) if md.get("choices") else (type(default) if default is not None else int)
+        opts.append(click.option(*decls, dest, default=default, type=kind, show_default=default is not None, help=md["help"]))
+
+    def decorate(f):
+        for option in reversed(opts):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def settings_from(cls, options: dict, prefix: str = ""):
+    """Build ``cls`` from the CLI's parsed ``options``, taking (and removing) the keys it owns."""
+    names = [f.name for f in fields(cls) if f.metadata.get("cli", False)]
+    key = prefix.replace("-", "_")
+    return cls(**{n: options.pop(key + n) for n in names if key + n in options})
 
 
 def fmt_num(x, spec: str = ".3g") -> str:
@@ -50,6 +95,7 @@ def main(debug: bool) -> None:
     """Shrink trained LoRA adapters into PEFT's VB-LoRA vector-bank format, and convert between formats."""
 
 
+token_option = click.option("--token", default=None, help="Hugging Face token for private or gated Hub ids [default: HF_TOKEN or the saved login].")
 format_option = click.option(
     "--format", "fmt", type=click.Choice(FORMATS), default=None, help="Force the input format instead of detecting it."
 )
@@ -57,126 +103,112 @@ format_option = click.option(
 
 @main.command()
 @click.argument("path")
-@click.option("--threshold", default=0.9, show_default=True, type=float, help="SARA threshold m for the effective rank.")
+@click.option("--threshold", default=RankSettings.threshold, show_default=True, type=float, help="SARA threshold m for the effective rank.")
 @format_option
+@token_option
 @click.option("--json", "as_json", is_flag=True, help="Print stable JSON instead of a table.")
-def inspect(path: str, threshold: float, fmt: str | None, as_json: bool) -> None:
+def inspect(path: str, threshold: float, fmt: str | None, token: str | None, as_json: bool) -> None:
     """Show what the adapter at PATH (a path or Hub id) holds: format, shapes, ranks, sizes and per-module spectra."""
-    from .report import inspect_adapter
+    from .inspection import inspect_adapter
 
-    info = inspect_adapter(path, threshold=threshold, format=fmt)
+    info = inspect_adapter(path, threshold=threshold, format=fmt, token=token)
     if as_json:
-        emit_json(info)
+        emit_json(info.to_json())
         return
-    vb = info["vector_bank"]
-    click.echo(f"file:        {info['file']}")
-    click.echo(f"format:      {info['format']}" + (f" (N={vb['num_vectors']}, L={vb['vector_length']}, k={vb['topk']})" if vb else ""))
-    click.echo(f"base model:  {info['base_model'] or '-'}    task: {info['task_type'] or '-'}    dtype: {info['dtype']}")
-    click.echo(f"modules:     {info['num_modules']}    rank(s): {', '.join(map(str, info['ranks']))}")
-    click.echo(
-        f"LoRA:        {info['lora_params']:,} params, {fmt_bytes(info['stored_bytes'])} stored"
-        f" ({fmt_bytes(info['fp16_bytes'])} at fp16)"
-    )
-    click.echo(f"carried:     {info['carried_params']:,} params, {fmt_bytes(info['carried_bytes'])} ({len(info['carried_keys'])} tensors)")
+    vb = info.vector_bank
+    click.echo(f"file:        {info.file}")
+    click.echo(f"format:      {info.format}" + (f" (N={vb['num_vectors']}, L={vb['vector_length']}, k={vb['topk']})" if vb else ""))
+    click.echo(f"base model:  {info.base_model or '-'}    task: {info.task_type or '-'}    dtype: {info.dtype}")
+    click.echo(f"modules:     {info.num_modules}    rank(s): {', '.join(map(str, info.ranks))}")
+    click.echo(f"LoRA:        {info.lora_params:,} params, {fmt_bytes(info.stored_bytes)} stored ({fmt_bytes(info.fp16_bytes)} at fp16)")
+    click.echo(f"carried:     {info.carried_params:,} params, {fmt_bytes(info.carried_bytes)} ({len(info.carried_keys)} tensors)")
     rows = [
-        [
-            m["name"],
-            f"{m['out']}x{m['in']}",
-            m["r"],
-            fmt_num(m["scale"]),
-            fmt_num(m["norm"]),
-            fmt_num(m["sigma_max"]),
-            fmt_num(m["effective_rank"], "d"),
-            fmt_num(m["top_energy"], ".2f"),
-            "NaN/Inf" if m["nonfinite"] else ("zero" if m["zero"] else ""),
-        ]
-        for m in info["modules"]
-    ]
+        [m.name, f"{m.out}x{m.inp}", m.r, fmt_num(m.scale), fmt_num(m.norm), fmt_num(m.sigma_max), fmt_num(m.effective_rank, "d"),
+         fmt_num(m.top_energy, ".2f"), "NaN/Inf" if m.nonfinite else ("zero" if m.zero else "")]
+        for m in info.modules
+    ]  # fmt: skip
     click.echo()
     print_table(["module", "out x in", "r", "scale", "|dW|_F", "sigma_max", f"eff.rank@{threshold:g}", "top1", "note"], rows)
-    if info["zero_modules"]:
-        click.echo(f"\n{len(info['zero_modules'])} module(s) are all zero (ΔW = 0).")
-    if info["nonfinite_modules"]:
-        click.echo(f"\nwarning: {len(info['nonfinite_modules'])} module(s) hold NaN/Inf: this adapter is broken.", err=True)
+    if info.zero_modules:
+        click.echo(f"\n{len(info.zero_modules)} module(s) are all zero (ΔW = 0).")
+    if info.nonfinite_modules:
+        click.echo(f"\nwarning: {len(info.nonfinite_modules)} module(s) hold NaN/Inf: this adapter is broken.", err=True)
 
 
 def progress_bar():
-    """A stderr progress callback for the bank fit (tqdm), closed by the caller."""
+    """A stderr progress callback for the bank fit and calibration (tqdm), closed by the caller.
+
+    Off when HF_HUB_DISABLE_PROGRESS_BARS or TQDM_DISABLE is set, as users of the Hugging Face tools expect.
+    """
+    import os
+
     from tqdm import tqdm
 
     bars: dict[str, tqdm] = {}
+    off = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"))
 
-    def update(stage: str, i: int, total: int, rel_error: float) -> None:
+    def update(stage: str, i: int, total: int, value: float) -> None:
         bar = bars.get(stage)
         if bar is None:
             for other in bars.values():
                 other.close()
-            bar = bars[stage] = tqdm(total=total, desc=f"{stage:9s}", unit="step", leave=False, file=sys.stderr)
+            bar = bars[stage] = tqdm(total=total, desc=f"{stage:9s}", unit="step", leave=False, file=sys.stderr, disable=off)
         bar.n = i
-        bar.set_postfix_str(f"ΔW error {rel_error:.4f}", refresh=False)
+        # calibration reports √(loss), where the loss is the distance to the teacher over the adapter's effect
+        bar.set_postfix_str(f"loss {value:.4f}" if stage == "calibrate" else f"ΔW error {value:.4f}", refresh=False)
         bar.refresh()
 
     update.close = lambda: [b.close() for b in bars.values()]
     return update
 
 
-LORA2VB_OPTIONS = [
-    click.option("-o", "--out", required=True, help="Output directory (a PEFT VB-LoRA adapter, vbcompress.json and a model card)."),
-    click.option("--num-vectors", "-N", default=256, show_default=True, type=int, help="Vectors in the bank."),
-    click.option("--vector-length", "-L", default=None, type=int, help="Sub-vector length [default: largest of 256..16 dividing every dim]."),
-    click.option("--topk", "-k", default=2, show_default=True, type=int, help="Bank vectors mixed per sub-vector."),
-    click.option("--rank", "-r", default=None, type=int, help="Keep the top R singular directions of every module [default: the adapter's rank]."),
-    click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),
-    click.option("--seed", default=0, show_default=True, type=int),
-    click.option("--iters", default=20, show_default=True, type=int, help="Alternating assignment/bank iterations."),
-    click.option("--refine-steps", default=300, show_default=True, type=int, help="Adam steps on the exact ΔW error."),
-    click.option("--full-logits", is_flag=True, help="Write full logits instead of the compact top-k layout."),
-    click.option("--bank-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"])),
-    click.option("--base", default=None, help="Base model directory or Hub id: after the weight fit, calibrate on the adapter's function."),
-    click.option("--calibration", default=None, help="Calibration text: one sample per line, or JSONL with 'text' [default: data-free]."),
-    click.option("--calib-steps", default=400, show_default=True, type=int, help="Calibration optimizer steps."),
-    click.option("--calib-lr", default=1e-2, show_default=True, type=float, help="Calibration learning rate (the logits take 10×, the bank this times its mean magnitude)."),
-    click.option("--calib-samples", default=256, show_default=True, type=int, help="Calibration samples (1/8 held out for the report)."),
-    click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
-    format_option,
-    click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
-]
-
-
 def lora2vb_options(f):
-    for option in reversed(LORA2VB_OPTIONS):
+    for option in reversed([
+        click.option("-o", "--out", required=True, help="Output directory (a PEFT VB-LoRA adapter, vbcompress.json and a model card)."),
+        options_for(FitSettings),
+        options_for(OutputSettings),
+        click.option("--base", default=None, help="Base model directory or Hub id: after the weight fit, calibrate on the adapter's function."),
+        click.option("--calibration", "texts", default=None, help="Calibration text: one sample per line, or JSONL with 'text' [default: data-free]."),
+        options_for(CalibrationSettings, prefix="calib-"),
+        click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
+        format_option,
+        token_option,
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ]):  # fmt: skip
         f = option(f)
     return f
 
 
-def run_lora2vb(run, src: str, options: dict, **extra) -> dict:
+def run_lora2vb(run, src: str, options: dict, **extra):
     """Call ``run`` (lora2vb or compress_from_hub) with the CLI's options, a progress bar unless --json."""
     as_json, out = options.pop("as_json"), options["out"]
+    fit, output = settings_from(FitSettings, options), settings_from(OutputSettings, options)
+    calibration = settings_from(CalibrationSettings, options, prefix="calib-")
     options["format"] = options.pop("fmt")
     bar = None if as_json else progress_bar()
     try:
-        report = run(src, progress=bar, **options, **extra)
+        report = run(src, options.pop("out"), fit, output=output, calibration=calibration, progress=bar, **options, **extra)
     finally:
         if bar:
             bar.close()
-    emit_json(report) if as_json else print_lora2vb_report(report, out)
+    emit_json(report.to_json()) if as_json else print_lora2vb_report(report, out)
     return report
 
 
-def print_lora2vb_report(report: dict, out: str) -> None:
-    b, st, svd = report["bytes"], report["settings"], report["svd_baseline"]
-    click.echo(f"wrote {out}  (N={st['num_vectors']}, L={st['vector_length']}, k={st['topk']}, r={st['rank']})")
-    click.echo(f"size:      {fmt_bytes(b['vb'])} = {b['ratio']:.1%} of the LoRA at fp16 ({fmt_bytes(b['source_fp16'])}); bank {fmt_bytes(b['bank'])}, codes {fmt_bytes(b['codes'])}")
-    if b["carried"]:
-        click.echo(f"carried:   {fmt_bytes(b['carried'])} of non-LoRA tensors (heads), copied as they were")
-    click.echo(f"ΔW error:  {report['total_rel_error']:.4f}  (relative Frobenius, all modules)")
-    click.echo(f"SVD truncation to rank {svd['rank']} at ≤ the same bytes: error {svd['rel_error']:.4f}")
-    cal = report["calibration"]
-    if cal and cal["retention_after"]:
-        before, after = cal["retention_before"], cal["retention_after"]
-        click.echo(f"calibrated on {cal['samples'] - cal['heldout_samples']} samples ({cal['data']}); on {cal['heldout_samples']} held-out: "
-                   f"effect retention {before['effect_retention']:.3f} → {after['effect_retention']:.3f}, cosine {after['mean_cosine']:.4f}")
-    if svd["rel_error"] < report["total_rel_error"]:
+def print_lora2vb_report(report, out: str) -> None:
+    b, fit, svd = report.bytes, report.fit, report.svd_baseline
+    click.echo(f"wrote {out}  (N={fit.num_vectors}, L={fit.vector_length}, k={fit.topk}, r={fit.rank})")
+    click.echo(f"size:      {fmt_bytes(b.vb)} = {b.ratio:.1%} of the LoRA at fp16 ({fmt_bytes(b.source_fp16)}); bank {fmt_bytes(b.bank)}, codes {fmt_bytes(b.codes)}")
+    if b.carried:
+        click.echo(f"carried:   {fmt_bytes(b.carried)} of non-LoRA tensors (heads), copied as they were")
+    click.echo(f"ΔW error:  {fmt_num(report.total_rel_error, '.4f')}  (relative Frobenius, all modules)")
+    click.echo(f"SVD truncation to rank {svd.rank} at ≤ the same bytes: error {svd.rel_error:.4f}")
+    cal = report.calibration
+    if cal and cal.retention_after and cal.retention_before:
+        before, after = cal.retention_before, cal.retention_after
+        click.echo(f"calibrated on {cal.samples - cal.heldout_samples} samples ({cal.data}); on {cal.heldout_samples} held-out: "
+                   f"effect retention {fmt_num(before.effect_retention, '.3f')} → {fmt_num(after.effect_retention, '.3f')}, cosine {after.mean_cosine:.4f}")
+    if report.svd_keeps_more:
         click.echo("note: plain SVD truncation keeps more of this adapter at this size (try `--rank`, a larger N, or calibration).")
 
 
@@ -184,7 +216,11 @@ def print_lora2vb_report(report: dict, out: str) -> None:
 @click.argument("src")
 @lora2vb_options
 def lora2vb(src, **options):
-    """Distill the LoRA at SRC (a path or Hub id) into one vector bank; write a PEFT VB-LoRA adapter to OUT."""
+    """Distill the LoRA at SRC (a path or Hub id) into one vector bank; write a PEFT VB-LoRA adapter to OUT.
+
+    Output size: the bank (N × L values) plus, per sub-vector of length L, k indices and k−1 weights.
+    Example: vbcompress lora2vb examples/gpt2-tigrinya-causal -o out/vb -N 1024
+    """
     from .compress import lora2vb as run
 
     run_lora2vb(run, src, options)
@@ -195,19 +231,18 @@ def lora2vb(src, **options):
 @lora2vb_options
 @click.option("--push-to", default=None, help="Upload OUT to this Hub repository (created if missing) and print its URL.")
 @click.option("--private", is_flag=True, help="Create the --push-to repository as private.")
-@click.option("--token", default=None, help="Hugging Face token [default: HF_TOKEN or the saved login].")
-def hub(repo_id, push_to, private, token, **options):
+def hub(repo_id, push_to, private, **options):
     """Download the LoRA REPO_ID[@REVISION] from the Hub, shrink it like lora2vb, write OUT ready to publish.
 
     Only the adapter's files and model card are fetched, into the Hugging Face cache (HF_HUB_OFFLINE=1 works
     from it). --base may also be a Hub id.
     """
-    from .hub import compress_from_hub
+    from .compress import compress_from_hub
 
     as_json = options["as_json"]
-    report = run_lora2vb(compress_from_hub, repo_id, options, push_to=push_to, private=private, token=token)
-    if report.get("pushed") and not as_json:
-        click.echo(f"pushed:    {report['pushed']['url']}  ({report['pushed']['commit_url']})")
+    report = run_lora2vb(compress_from_hub, repo_id, options, push_to=push_to, private=private)
+    if report.pushed and not as_json:
+        click.echo(f"pushed:    {report.pushed.url}  ({report.pushed.commit_url})")
 
 
 @main.command(name="eval")
@@ -215,29 +250,31 @@ def hub(repo_id, push_to, private, token, **options):
 @click.argument("cand")
 @click.option("--base", default=None, help="Base model directory or Hub id, for effect retention on --data.")
 @click.option("--data", default=None, help="Text inputs (lines or JSONL with 'text') for effect retention.")
+@token_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_cmd(ref: str, cand: str, base: str | None, data: str | None, as_json: bool) -> None:
+def eval_cmd(ref: str, cand: str, base: str | None, data: str | None, token: str | None, as_json: bool) -> None:
     """ΔW error of adapter CAND against adapter REF (any readable formats), per module and in total, and sizes.
 
     With --base and --data: effect retention 1 − ‖f_cand − f_ref‖ / ‖f_ref − f_base‖ and mean cosine of outputs.
     """
     from .evaluate import evaluate
 
-    result = evaluate(ref, cand, base=base, data=data)
+    result = evaluate(ref, cand, base=base, data=data, token=token)
     if as_json:
-        emit_json(result)
+        emit_json(result.to_json())
         return
-    rows = [[m["name"], fmt_num(m["ref_norm"]), fmt_num(m["abs_error"]), fmt_num(m["rel_error"], ".4f")] for m in result["delta"]["modules"]]
+    d, s = result.delta, result.sizes
+    rows = [[m.name, fmt_num(m.ref_norm), fmt_num(m.abs_error), fmt_num(m.rel_error, ".4f")] for m in d.modules]
     print_table(["module", "|dW_ref|", "|dW_cand - dW_ref|", "rel.error"], rows)
-    d, s = result["delta"], result["sizes"]
     for what in ("missing", "extra"):
-        if d[what]:
-            click.echo(f"{what} in CAND: {', '.join(d[what])}")
-    click.echo(f"\ntotal ΔW error: {fmt_num(d['total_rel_error'], '.4f')}")
-    if "function" in result:
-        f = result["function"]
-        click.echo(f"effect retention: {fmt_num(f['effect_retention'], '.4f')}   mean cosine: {f['mean_cosine']:.4f}   ({f['samples']} inputs)")
-    click.echo(f"size: REF {fmt_bytes(s['ref_bytes'])} stored ({fmt_bytes(s['ref_fp16_bytes'])} at fp16), CAND {fmt_bytes(s['cand_bytes'])} = {s['ratio_vs_ref_fp16']:.1%} of REF at fp16")
+        if getattr(d, what):
+            click.echo(f"{what} in CAND: {', '.join(getattr(d, what))}")
+    click.echo(f"\ntotal ΔW error: {fmt_num(d.total_rel_error, '.4f')}")
+    if result.function is not None:
+        f = result.function
+        click.echo(f"effect retention: {fmt_num(f.effect_retention, '.4f')}   mean cosine: {f.mean_cosine:.4f}   ({f.samples} inputs)")
+    ratio = f"{s.ratio_vs_ref_fp16:.1%}" if s.ratio_vs_ref_fp16 is not None else "-"
+    click.echo(f"size: REF {fmt_bytes(s.ref_bytes)} stored ({fmt_bytes(s.ref_fp16_bytes)} at fp16), CAND {fmt_bytes(s.cand_bytes)} = {ratio} of REF at fp16")
 
 
 def rank_value(value: str | None):
@@ -249,75 +286,70 @@ def rank_value(value: str | None):
         raise click.BadParameter(f"{value!r} is neither an integer nor 'auto'") from None
 
 
-def print_rank_report(report: dict, out: str) -> None:
-    rows = [[m["name"], m["source_rank"], m["rank"], f"{m['retained_fro']:.1%}", f"{m['retained_sigma']:.1%}"] for m in report["modules"]]
+def print_rank_report(report, out: str) -> None:
+    rows = [[m.name, m.source_rank, m.rank, f"{m.retained_fro:.1%}", f"{m.retained_sigma:.1%}"] for m in report.modules]
     print_table(["module", "r in", "r out", "kept ‖ΔW‖_F", "kept Σσ"], rows)
-    click.echo(f"\nwrote {out}: kept {report['retained_fro']:.2%} of ‖ΔW‖_F (ΔW error {report['rel_error']:.4f}); "
-               f"{fmt_bytes(report['bytes_before'])} → {fmt_bytes(report['bytes_after'])}")
-
-
-RULE_HELP = (
-    "Rank rule for --rank auto: sara = smallest k with Σσ≤k ≥ X·Σσ; fro = Σσ²≤k ≥ X²·Σσ² (X: share of ‖ΔW‖_F kept); "
-    "ratio = keep σ_i > σ_max / X."
-)
+    click.echo(f"\nwrote {out}: kept {report.retained_fro:.2%} of ‖ΔW‖_F (ΔW error {report.rel_error:.4f}); "
+               f"{fmt_bytes(report.bytes_before)} → {fmt_bytes(report.bytes_after)}")
 
 
 def dense_options(f):
     for option in reversed([
         click.option("-o", "--out", required=True, help="Output directory (a PEFT LoRA)."),
-        click.option("--rule", default="sara", show_default=True, type=click.Choice(["sara", "fro", "ratio"]), help=RULE_HELP),
-        click.option("--threshold", default=0.9, show_default=True, type=float, help="X of the rank rule."),
-        click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "float32", "float16", "bfloat16"])),
+        options_for(RankSettings),
         click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
         format_option,
+        token_option,
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
-    ]):
+    ]):  # fmt: skip
         f = option(f)
     return f
 
 
-def run_dense(src, out, rank, rule, threshold, dtype, overwrite, fmt, as_json):
+def run_dense(src, rank, options: dict) -> None:
     from .dense import to_lora
 
-    report = to_lora(src, out, rank=rank_value(rank), rule=rule, threshold=threshold, dtype=dtype, format=fmt, overwrite=overwrite)
-    emit_json(report) if as_json else print_rank_report(report, out)
+    settings, as_json, out = settings_from(RankSettings, options), options.pop("as_json"), options.pop("out")
+    report = to_lora(src, out, rank_value(rank), settings, format=options.pop("fmt"), **options)
+    emit_json(report.to_json()) if as_json else print_rank_report(report, out)
 
 
 @main.command()
 @click.argument("src")
 @click.option("--rank", default=None, help="Integer cap for every module, or 'auto' (per-module by --rule) [default: full rank, exact].")
 @dense_options
-def vb2lora(src, out, rank, rule, threshold, dtype, overwrite, fmt, as_json):
+def vb2lora(src, rank, **options):
     """Convert any readable adapter at SRC (VB-LoRA, LoRA, kohya, diffusers) to a dense PEFT LoRA in OUT."""
-    run_dense(src, out, rank, rule, threshold, dtype, overwrite, fmt, as_json)
+    run_dense(src, rank, options)
 
 
 @main.command()
 @click.argument("src")
 @click.option("--rank", required=True, help="Integer cap for every module, or 'auto' (per-module by --rule).")
 @dense_options
-def resize(src, out, rank, rule, threshold, dtype, overwrite, fmt, as_json):
+def resize(src, rank, **options):
     """Lower the rank of the LoRA at SRC without retraining (also rank-2r LoRA-GA checkpoints)."""
-    run_dense(src, out, rank, rule, threshold, dtype, overwrite, fmt, as_json)
+    run_dense(src, rank, options)
 
 
 @main.command()
 @click.option("--base", required=True, help="Base model directory or Hub id (model.safetensors, or sharded with an index).")
 @click.option("--adapter", "adapter_src", required=True, help="Adapter to fold in (LoRA, VB-LoRA, kohya, diffusers; path or Hub id).")
 @click.option("-o", "--out", required=True, help="Output model directory.")
-@click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "float16", "bfloat16", "float32"]))
+@options_for(MergeSettings)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@token_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def merge(base, adapter_src, out, dtype, overwrite, as_json):
+def merge(base, adapter_src, out, overwrite, token, as_json, **options):
     """Fold an adapter into base weights shard by shard and write a full model to OUT."""
     from .merge import merge as run
 
-    report = run(base, adapter_src, out, dtype=dtype, overwrite=overwrite)
+    report = run(base, adapter_src, out, settings_from(MergeSettings, options), overwrite=overwrite, token=token)
     if as_json:
-        emit_json(report)
+        emit_json(report.to_json())
         return
-    click.echo(f"wrote {out}: {report['merged_modules']} weights merged, {report['replaced_tensors']} replaced by the adapter's heads, "
-               f"{report['shards']} shard(s), {len(report['copied_files'])} other file(s) copied")
+    click.echo(f"wrote {out}: {report.merged_modules} weights merged, {report.replaced_tensors} replaced by the adapter's heads, "
+               f"{report.shards} shard(s), {len(report.copied_files)} other file(s) copied")
 
 
 if __name__ == "__main__":

@@ -1,28 +1,37 @@
-"""``lora2vb``: distill a trained LoRA into a PEFT-loadable VB-LoRA adapter, with an honest report."""
+"""``lora2vb`` and ``hub``: distill a trained LoRA into a PEFT-loadable VB-LoRA adapter, with an honest report.
+
+The command is a pipeline of small steps: resolve the inputs (Hub ids become local paths here, once),
+check settings against the adapter, fit the bank in weight space, optionally calibrate it on a base model,
+write the output atomically, and measure the written files.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from . import __version__
 from .adapter import LINEAR, Adapter, VectorBank
-from .bank.fit import FitSettings, fit_bank
+from .bank.calibrate import CalibrationReport, calibrate
+from .bank.fit import FitResult, fit_bank
+from .basemodel import Base, read_texts
+from .baselines import truncation
 from .card import model_card, source_metadata
-from .errors import ShapeError, VBCompressError
+from .errors import SettingError, ShapeError, VBCompressError
 from .files import atomic_output_dir, write_json
 from .formats import load_adapter, write_vblora
 from .formats.vblora import canonical_code
-from .hub import download, is_hub_ref, local_path
-from .linalg import singular_values
+from .hub import HubSource, create_repo, push, resolve
 from .metrics import delta_errors
+from .results import ByteCounts, CompressReport, FitStages, ModuleFit
+from .settings import CalibrationSettings, FitSettings, OutputSettings
 
 VECTOR_LENGTHS = (256, 128, 64, 32, 16)
 REPORT_FILE = "vbcompress.json"
+Progress = Callable[[str, int, int, float], None]
 
 
 def auto_vector_length(adapter: Adapter) -> int:
@@ -46,112 +55,120 @@ def check_compressible(adapter: Adapter, length: int) -> None:
         raise VBCompressError(adapter.source, "DoRA adapters cannot be written as VB-LoRA (no magnitude vector there)")
     if any(k.endswith("lora_B.bias") for k in adapter.carried):
         raise VBCompressError(adapter.source, "LoRA biases (lora_bias=true) cannot be written as VB-LoRA")
-    if len({m.fan_in_fan_out for m in adapter.modules.values()}) > 1:
-        raise ShapeError(adapter.source, "VB-LoRA has one fan_in_fan_out per adapter; this one mixes both layouts")
+    adapter.fan_in_fan_out()
 
 
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise VBCompressError(None, "--device cuda asked for, but torch sees no CUDA device")
+        raise SettingError("device", "{setting} cuda asked for, but torch sees no CUDA device")
     return device
 
 
-def svd_baseline(adapter: Adapter, budget_bytes: int) -> dict:
-    """Error of plain SVD truncation to one global rank whose fp16 factors fit in ``budget_bytes``."""
-    spectra = [(singular_values(*m.folded()), m.in_features + m.out_features) for m in adapter.modules.values()]
-    per_rank = sum(2 * dims for _, dims in spectra)
-    rank = min(budget_bytes // per_rank if per_rank else 0, max(m.r for m in adapter.modules.values()))
-    total = sum(float(s.square().sum()) for s, _ in spectra)
-    lost = sum(float(s[rank:].square().sum()) for s, _ in spectra)
-    return {"rank": int(rank), "bytes": int(rank * per_rank), "rel_error": math.sqrt(lost / total) if total > 0 else 0.0}
+def fit_settings_for(sources: list[Adapter], fit: FitSettings) -> FitSettings:
+    """``fit`` with vector length, rank and device resolved against the sources, after checking that
+    every source can be written with them."""
+    fit.check()
+    length = fit.vector_length or auto_vector_length(sources[0] if len(sources) == 1 else merged_view(sources))
+    max_rank = max(max(s.ranks) for s in sources)
+    for source in sources:
+        check_compressible(source, length)
+    if fit.rank is not None and fit.rank > max_rank:
+        raise SettingError("rank", f"{{setting}} {fit.rank} must be between 1 and the adapter's rank {max_rank}", where=sources[0].source)
+    if fit.topk > 1 and fit.num_vectors < 2:
+        raise SettingError("topk", f"{{setting}} {fit.topk} needs at least 2 vectors")
+    return replace(fit, vector_length=length, rank=fit.rank or max_rank, device=resolve_device(fit.device))
+
+
+def merged_view(sources: list[Adapter]) -> Adapter:
+    """All sources' modules in one adapter (names prefixed by position), for checks that span them."""
+    return Adapter(modules={f"{i}/{n}": m for i, s in enumerate(sources) for n, m in s.modules.items()}, source=sources[0].source)
+
+
+def run_fit(factors: dict, fit: FitSettings, progress: Progress | None) -> FitResult:
+    # CUDA's index_add/scatter kernels accumulate with atomics: only deterministic mode makes runs repeatable.
+    with deterministic() if fit.device == "cuda" else contextlib.nullcontext():
+        return fit_bank(factors, fit, progress)
+
+
+def fit_stages(fit: FitResult) -> FitStages:
+    first = fit.history[0][1]
+    return FitStages(seed=first, alternate=min((e for s, e in fit.history if s == "alternate"), default=first), refine=fit.rel_error)
+
+
+def load_base(base: str | Path, source: Adapter, token: str | None) -> tuple[Base, str]:
+    """The calibration base (a Hub id resolved here) checked against ``source``; and how it was given."""
+    return Base(resolve(base, "base", token=token).path, source), str(base)
+
+
+def calibration_texts(model: Base, texts_file: str | Path | None, settings: CalibrationSettings, seed: int) -> tuple[list[str], str]:
+    """The calibration inputs and a label for the report: the file's lines, or data-free inputs."""
+    if texts_file is not None:
+        return read_texts(texts_file), "file"
+    texts = model.data_free_texts(settings.samples, torch.Generator().manual_seed(seed), settings.max_length // 2)
+    return texts, "data-free: " + ("samples of the base model" if model.causal else "random vocabulary")
 
 
 def lora2vb(
     src: str | Path,
     out: str | Path,
+    fit: FitSettings | None = None,
     *,
-    num_vectors: int = 256,
-    vector_length: int | None = None,
-    topk: int = 2,
-    rank: int | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    iters: int = 20,
-    refine_steps: int = 300,
-    full_logits: bool = False,
-    bank_dtype: str = "float32",
+    output: OutputSettings | None = None,
     base: str | Path | None = None,
-    calibration: str | Path | None = None,
-    calib_steps: int = 400,
-    calib_lr: float = 1e-2,
-    calib_samples: int = 256,
+    calibration: CalibrationSettings | None = None,
+    texts: str | Path | None = None,
     format: str | None = None,
     overwrite: bool = False,
-    progress: Callable[[str, int, int, float], None] | None = None,
     token: str | None = None,
     repo_id: str | None = None,
-) -> dict:
+    progress: Progress | None = None,
+) -> CompressReport:
     """Distill the LoRA at ``src`` into one vector bank and write a PEFT VB-LoRA adapter to ``out``.
 
-    Returns the report also written to ``out/vbcompress.json``: settings, per-module and total ΔW error
-    (recomputed from the written files, against the full source), bytes and compression ratio, and the
-    error of SVD truncation at the same byte budget for comparison.
+    Returns the report also written to ``out/vbcompress.json``: settings as run, per-module and total ΔW
+    error (recomputed from the written files, against the full source), bytes and compression ratio, and
+    the error of SVD truncation at the same byte budget for comparison.
 
-    With ``base`` (a model directory), the weight-space fit is followed by function-space calibration on
-    ``calibration`` text (a file) or, without one, on data-free inputs; see :mod:`vbcompress.bank.calibrate`.
-
-    ``src`` and ``base`` may be Hub ids (``owner/name[@revision]``; ``token`` for private ones). ``out`` also
-    gets a README.md model card; ``repo_id`` is the name it tells users to load the adapter by.
+    With ``base`` (a model directory or Hub id), the weight-space fit is followed by function-space
+    calibration (``calibration`` settings, default :class:`CalibrationSettings`) on the ``texts`` file or,
+    without one, on data-free inputs. ``src`` and ``base`` may be Hub ids (``token`` for private ones).
+    ``out`` also gets a README.md model card; ``repo_id`` is the name it tells users to load the adapter by.
     """
-    hub_source = None
-    if is_hub_ref(src):
-        fetched = download(src, "adapter", token=token)
-        hub_source = {"ref": str(src), "repo": fetched.ref.repo_id, "revision": fetched.ref.revision or "main", "commit": fetched.commit}
-        path = fetched.path
-    else:
-        path = Path(src)
-    source = load_adapter(path, format=format)
-    length = vector_length or auto_vector_length(source)
-    check_compressible(source, length)
-    max_rank = max(source.ranks)
-    if rank is not None and not 1 <= rank <= max_rank:
-        raise VBCompressError(src, f"--rank {rank} must be between 1 and the adapter's rank {max_rank}")
-    if topk < 1 or topk > num_vectors or (topk > 1 and num_vectors < 2):
-        raise VBCompressError(None, f"--topk {topk} must be between 1 and --num-vectors {num_vectors}")
-    if bank_dtype not in ("float32", "float16"):
-        raise VBCompressError(None, f"--bank-dtype must be float32 or float16, not {bank_dtype}")
-    dev = resolve_device(device)
-    settings = FitSettings(
-        num_vectors=num_vectors, vector_length=length, topk=topk, rank=rank or max_rank,
-        iters=iters, refine_steps=refine_steps, seed=seed, device=dev,
-    )  # fmt: skip
-    model = texts = None
+    fit, output = fit or FitSettings(), output or OutputSettings()
+    output.check()
+    got = resolve(src, "adapter", token=token)
+    source = load_adapter(got.path, format=format)
+    fit = fit_settings_for([source], fit)
+    model = None
     if base is not None:  # load and check the base before any training
-        from .bank.calibrate import Base, read_texts
-
-        model = Base(local_path(base, "base", token=token), source)
-        texts = read_texts(calibration) if calibration else None
-    elif calibration is not None:
-        raise VBCompressError(calibration, "--calibration needs --base")
+        calibration = calibration or CalibrationSettings()
+        calibration.check()
+        model, base_label = load_base(base, source, token)
+    elif texts is not None:
+        raise SettingError("texts", "calibration text ({setting}) needs a base model", where=texts)
     factors = {name: m.folded() for name, m in source.modules.items()}
-    # CUDA's index_add/scatter kernels accumulate with atomics: only deterministic mode makes runs repeatable.
-    with deterministic() if dev == "cuda" else contextlib.nullcontext():
-        fit = fit_bank(factors, settings, progress)
-    fitted, calib_report = VectorBank(bank=fit.bank, topk=topk, codes=fit.codes), None
+    result = run_fit(factors, fit, progress)
+    fitted, calib_report = VectorBank(bank=result.bank, topk=fit.topk, codes=result.codes), None
     if model is not None:
-        from .bank.calibrate import CalibrationSettings, calibrate
+        inputs, label = calibration_texts(model, texts, calibration, fit.seed)
+        fitted, calib_report = calibrate(source, fitted, model, inputs, calibration, seed=fit.seed, progress=progress)
+        calib_report = replace(calib_report, base=base_label, data=label, calibration_file=str(texts) if texts else None)
+    vb = VectorBank(
+        bank=fitted.bank.to(getattr(torch, output.bank_dtype)),
+        topk=fit.topk,
+        codes={name: canonical_code(code) for name, code in fitted.codes.items()},
+    )
+    return write_compressed(
+        source, vb, out, fit=fit, output=output, stages=fit_stages(result), src=src, source_path=got.path,
+        hub_source=got.hub, calibration=calib_report, overwrite=overwrite, repo_id=repo_id,
+    )  # fmt: skip
 
-        cal = CalibrationSettings(steps=calib_steps, samples=calib_samples, lr=calib_lr, seed=seed)
-        data = "file" if texts else "data-free: " + ("samples of the base model" if model.causal else "random vocabulary")
-        if texts is None:
-            texts = model.data_free_texts(calib_samples, torch.Generator().manual_seed(seed), cal.max_length // 2)
-        fitted, calib_report = calibrate(source, fitted, model, texts, cal, progress)
-        calib_report.update(base=str(base), data=data, calibration_file=str(calibration) if calibration else None)
-    bank = fitted.bank.to(getattr(torch, bank_dtype))
-    codes = {name: canonical_code(code) for name, code in fitted.codes.items()}
-    result = Adapter(
+
+def vb_adapter(source: Adapter, vb: VectorBank, where: str | Path) -> Adapter:
+    """The VB-LoRA adapter that carries ``source``'s metadata and heads with bank and codes ``vb``."""
+    return Adapter(
         modules={},
         carried=dict(source.carried),
         source_format="vblora",
@@ -159,51 +176,74 @@ def lora2vb(
         task_type=source.task_type,
         target_modules=source.target_modules if source.source_format == "peft" else None,
         modules_to_save=source.modules_to_save,
-        source=str(out),
-        vector_bank=VectorBank(bank=bank, topk=topk, codes=codes),
+        config={"fan_in_fan_out": source.fan_in_fan_out()},
+        source=str(where),
+        vector_bank=vb,
     )
-    for name, m in source.modules.items():
-        a, b = result.vector_bank.decode(name)
-        result.modules[name] = type(m)(name=name, A=a, B=b, scale=1.0, fan_in_fan_out=m.fan_in_fan_out)
-    with atomic_output_dir(out, overwrite=overwrite, inputs=(path,)) as tmp:
-        write_vblora(result, tmp, full_logits=full_logits)
-        written = load_adapter(tmp)  # the report describes the files, not our in-memory copy
-        errors = delta_errors(source, written)
-        vb_bytes = written.stored_bytes()
-        report = {
-            "vbcompress_version": __version__,
-            "source": str(src),
-            "hub_source": hub_source,
-            "source_format": source.source_format,
-            "settings": {
-                "num_vectors": num_vectors, "vector_length": length, "topk": topk, "rank": settings.rank,
-                "device": dev, "seed": seed, "iters": iters, "refine_steps": refine_steps,
-                "full_logits": full_logits, "bank_dtype": bank_dtype,
-            },
-            "total_rel_error": errors.total_rel_error,
-            "modules": {e.name: {"rel_error": e.rel_error, "abs_error": e.abs_error, "ref_norm": e.ref_norm} for e in errors.modules},
-            "zero_modules": [e.name for e in errors.modules if e.ref_norm == 0],
-            "bytes": {
-                "source_stored": source.stored_bytes(),
-                "source_fp16": source.fp16_bytes(),
-                "vb": vb_bytes,
-                "bank": bank.numel() * bank.element_size(),
-                "codes": vb_bytes - bank.numel() * bank.element_size(),
-                "carried": source.carried_bytes(),
-                "ratio": vb_bytes / source.fp16_bytes(),
-            },
-            "svd_baseline": svd_baseline(source, vb_bytes),
-            # Exact ΔW error (at the kept rank, before fp16/top-k rounding) after each stage of the fit.
-            "fit_stages": {
-                "seed": fit.history[0][1],
-                "alternate": min((e for s, e in fit.history if s == "alternate"), default=fit.history[0][1]),
-                "refine": fit.rel_error,
-            },
-            "calibration": calib_report,
-        }  # fmt: skip
-        write_json(tmp / REPORT_FILE, report)
-        card = model_card(report, base_model=source.base_model, task_type=source.task_type, source_meta=source_metadata(path), repo_id=repo_id)
+
+
+def measure(source: Adapter, written: Adapter) -> tuple[float | None, dict[str, ModuleFit], list[str]]:
+    """(total ΔW error, per-module errors, all-zero modules) of the written adapter against the source."""
+    errors = delta_errors(source, written)
+    modules = {e.name: ModuleFit(rel_error=e.rel_error, abs_error=e.abs_error, ref_norm=e.ref_norm) for e in errors.modules}
+    return errors.total_rel_error, modules, [e.name for e in errors.modules if e.ref_norm == 0]
+
+
+def write_compressed(
+    source: Adapter,
+    vb: VectorBank,
+    out: str | Path,
+    *,
+    fit: FitSettings,
+    output: OutputSettings,
+    stages: FitStages,
+    src: str | Path,
+    source_path: Path,
+    hub_source: HubSource | None = None,
+    calibration: CalibrationReport | None = None,
+    overwrite: bool = False,
+    repo_id: str | None = None,
+) -> CompressReport:
+    """Write ``vb`` as a PEFT VB-LoRA adapter with its report and model card; the report describes the
+    written files, re-read, not our in-memory copy."""
+    with atomic_output_dir(out, overwrite=overwrite, inputs=(source_path,)) as tmp:
+        write_vblora(vb_adapter(source, vb, out), tmp, full_logits=output.full_logits)
+        written = load_adapter(tmp)
+        total, modules, zero = measure(source, written)
+        vb_bytes, bank_bytes = written.stored_bytes(), vb.bank.numel() * vb.bank.element_size()
+        report = CompressReport(
+            source=str(src),
+            source_format=source.source_format,
+            fit=fit,
+            output=output,
+            total_rel_error=total,
+            modules=modules,
+            zero_modules=zero,
+            bytes=ByteCounts(
+                source_stored=source.stored_bytes(), source_fp16=source.fp16_bytes(), vb=vb_bytes, bank=bank_bytes,
+                codes=vb_bytes - bank_bytes, carried=source.carried_bytes(),
+            ),  # fmt: skip
+            svd_baseline=truncation(source.modules.values(), vb_bytes),
+            fit_stages=stages,
+            hub_source=hub_source,
+            calibration=calibration,
+        )
+        write_json(tmp / REPORT_FILE, report.to_json())
+        card = model_card(report, base_model=source.base_model, task_type=source.task_type, source_meta=source_metadata(source_path), repo_id=repo_id)
         (tmp / "README.md").write_text(card, encoding="utf-8")
+    return report
+
+
+def compress_from_hub(
+    ref: str, out: str | Path, fit: FitSettings | None = None, *, push_to: str | None = None, private: bool = False, token: str | None = None, **options
+) -> CompressReport:
+    """``vbcompress hub``: download the LoRA at ``ref``, run :func:`lora2vb` on it with ``options`` (writing
+    the model card), and with ``push_to`` upload the result; ``report.pushed`` then says where."""
+    # A bad target or missing write access fails before the long part, not after it.
+    url = create_repo(push_to, private=private, token=token) if push_to is not None else None
+    report = lora2vb(ref, out, fit, token=token, repo_id=push_to, **options)
+    if push_to is not None:
+        report.pushed = push(out, push_to, token=token, url=url)
     return report
 
 

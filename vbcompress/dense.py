@@ -8,41 +8,74 @@ decoded from its bank first), truncated, and written balanced (``B = U√S``, ``
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .adapter import Adapter
-from .errors import VBCompressError
-from .files import atomic_output_dir, write_json
+from .errors import SettingError
+from .files import CAST_DTYPES, atomic_output_dir, write_json
 from .formats import load_adapter, write_peft_lora
+from .hub import resolve
 from .linalg import low_rank_svd
-from .rank import RULES, choose_rank, retained
+from .rank import choose_rank, retained
+from .settings import RankSettings
 
 REPORT_FILE = "vbcompress.json"
-DTYPES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def truncate(adapter: Adapter, rank: int | str | None = None, rule: str = "sara", threshold: float = 0.9) -> tuple[Adapter, list[dict]]:
+@dataclass
+class RankRow:
+    """One module's rank choice: source and kept rank, shares of ‖ΔW‖_F and Σσ kept, energies (Σσ²)."""
+
+    name: str
+    source_rank: int
+    rank: int
+    retained_fro: float
+    retained_sigma: float
+    energy: float
+    kept_energy: float
+
+
+@dataclass
+class DenseReport:
+    """What ``vb2lora``/``resize`` wrote; also written to ``OUT/vbcompress.json``."""
+
+    source: str
+    source_format: str
+    rank: int | str | None
+    rule: str | None
+    threshold: float | None
+    modules: list[RankRow]
+    retained_fro: float
+    rel_error: float
+    bytes_before: int
+    bytes_after: int | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def truncate(adapter: Adapter, rank: int | str | None = None, settings: RankSettings | None = None) -> tuple[Adapter, list[RankRow]]:
     """A LoRA copy of ``adapter`` truncated per module, and per-module rows (rank, retained shares).
 
-    ``rank``: an int (same cap for every module), ``"auto"`` (chosen by ``rule`` at ``threshold``), or
-    None (each module's own rank: reproduces ΔW).
+    ``rank``: an int (same cap for every module), ``"auto"`` (chosen by ``settings.rule`` at
+    ``settings.threshold``), or None (each module's own rank: reproduces ΔW).
     """
-    if rank not in (None, "auto") and (not isinstance(rank, int) or rank < 1):
-        raise VBCompressError(None, f"--rank must be a positive integer or 'auto', not {rank!r}")
-    if rule not in RULES:
-        raise VBCompressError(None, f"--rule must be one of {', '.join(RULES)}, not {rule!r}")
+    settings = settings or RankSettings()
+    settings.check()
+    if rank not in (None, "auto") and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise SettingError("rank", f"{{setting}} must be a positive integer or 'auto', not {rank!r}")
     modules, rows = {}, []
     for name, m in adapter.modules.items():
         b, a = m.folded()
         u, s, vh = low_rank_svd(b, a)
         if rank == "auto":
             try:
-                k = choose_rank(s, rule, threshold)
+                k = choose_rank(s, settings.rule, settings.threshold)
             except ValueError as e:
-                raise VBCompressError(None, str(e)) from None
+                raise SettingError("threshold", f"{{setting}}: {e}") from None
         else:
             # As PEFT's convert_to_lora: a fixed rank is kept even where trailing σ are ~0.
             k = s.numel() if rank is None else min(rank, s.numel())
@@ -50,15 +83,9 @@ def truncate(adapter: Adapter, rank: int | str | None = None, rule: str = "sara"
         keep = max(k, 1)  # PEFT needs r ≥ 1: an all-zero module becomes rank 1 with zero factors
         root = s[:keep].sqrt()
         dtype = m.A.dtype if m.A.is_floating_point() and adapter.vector_bank is None else torch.float32
-        modules[name] = replace(
-            m,
-            A=(root[:, None] * vh[:keep]).to(dtype),
-            B=(u[:, :keep] * root).to(dtype),
-            scale=1.0,
-            alpha=None,
-        )
-        rows.append({"name": name, "source_rank": m.r, "rank": k, "retained_fro": fro, "retained_sigma": nuc,
-                     "energy": float(s.square().sum()), "kept_energy": float(s[:k].square().sum())})  # fmt: skip
+        modules[name] = replace(m, A=(root[:, None] * vh[:keep]).to(dtype), B=(u[:, :keep] * root).to(dtype), scale=1.0, alpha=None)
+        rows.append(RankRow(name=name, source_rank=m.r, rank=k, retained_fro=fro, retained_sigma=nuc,
+                            energy=float(s.square().sum()), kept_energy=float(s[:k].square().sum())))  # fmt: skip
     out = replace(adapter, modules=modules, vector_bank=None, source_format="peft" if adapter.source_format == "vblora" else adapter.source_format)
     return out, rows
 
@@ -66,34 +93,34 @@ def truncate(adapter: Adapter, rank: int | str | None = None, rule: str = "sara"
 def to_lora(
     src: str | Path,
     out: str | Path,
-    *,
     rank: int | str | None = None,
-    rule: str = "sara",
-    threshold: float = 0.9,
-    dtype: str = "keep",
+    settings: RankSettings | None = None,
+    *,
     format: str | None = None,
     overwrite: bool = False,
-) -> dict:
-    """Convert the adapter at ``src`` to a dense PEFT LoRA in ``out``; returns (and writes) the report."""
-    if dtype not in DTYPES:
-        raise VBCompressError(None, f"--dtype must be one of {', '.join(DTYPES)}")
-    source = load_adapter(src, format=format)
-    lora, rows = truncate(source, rank, rule, threshold)
-    total = sum(r["energy"] for r in rows)
-    kept = sum(r["kept_energy"] for r in rows)
-    report = {
-        "source": str(src),
-        "source_format": source.source_format,
-        "rank": rank,
-        "rule": rule if rank == "auto" else None,
-        "threshold": threshold if rank == "auto" else None,
-        "modules": rows,
-        "retained_fro": math.sqrt(kept / total) if total > 0 else 1.0,
-        "rel_error": math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0,
-        "bytes_before": source.stored_bytes(),
-    }
-    with atomic_output_dir(out, overwrite=overwrite, inputs=(src,)) as tmp:
-        write_peft_lora(lora, tmp, dtype=DTYPES[dtype])
-        report["bytes_after"] = load_adapter(tmp).stored_bytes()
-        write_json(tmp / REPORT_FILE, report)
+    token: str | None = None,
+) -> DenseReport:
+    """Convert the adapter at ``src`` (a path or Hub id) to a dense PEFT LoRA in ``out``; returns (and
+    writes) the report."""
+    settings = settings or RankSettings()
+    got = resolve(src, "adapter", token=token)
+    source = load_adapter(got.path, format=format)
+    lora, rows = truncate(source, rank, settings)
+    total = sum(r.energy for r in rows)
+    kept = sum(r.kept_energy for r in rows)
+    report = DenseReport(
+        source=str(src),
+        source_format=source.source_format,
+        rank=rank,
+        rule=settings.rule if rank == "auto" else None,
+        threshold=settings.threshold if rank == "auto" else None,
+        modules=rows,
+        retained_fro=math.sqrt(kept / total) if total > 0 else 1.0,
+        rel_error=math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0,
+        bytes_before=source.stored_bytes(),
+    )
+    with atomic_output_dir(out, overwrite=overwrite, inputs=(got.path,)) as tmp:
+        write_peft_lora(lora, tmp, dtype=CAST_DTYPES[settings.dtype])
+        report.bytes_after = load_adapter(tmp).stored_bytes()
+        write_json(tmp / REPORT_FILE, report.to_json())
     return report

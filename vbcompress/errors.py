@@ -1,4 +1,9 @@
-"""User-facing error types. The library raises these; the CLI turns them into one line and exit code 2."""
+"""User-facing error types. The library raises these; the CLI turns them into one line and exit code 2.
+
+Errors speak library terms. One that is about a setting names it in ``setting`` (the Python parameter or
+settings field, e.g. ``"num_vectors"``) and writes ``{setting}`` where the message names it: the library
+prints the field name, the CLI the flag it maps that field to (``--num-vectors``).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,16 @@ from pathlib import Path
 class VBCompressError(Exception):
     """A problem with the user's input, reported as ``<where>: <problem>``."""
 
-    def __init__(self, where: str | Path | None, problem: str):
+    def __init__(self, where: str | Path | None, problem: str, setting: str | None = None):
         self.where = str(where) if where is not None else None
         self.problem = problem
-        super().__init__(f"{self.where}: {problem}" if self.where else problem)
+        self.setting = setting
+        super().__init__(self.render())
+
+    def render(self, name_of=lambda setting: setting) -> str:
+        """The one-line message, with ``{setting}`` written as ``name_of(setting)``."""
+        problem = self.problem.replace("{setting}", name_of(self.setting)) if self.setting else self.problem
+        return f"{self.where}: {problem}" if self.where else problem
 
 
 class FormatError(VBCompressError):
@@ -22,5 +33,24 @@ class ShapeError(VBCompressError):
     """Tensors whose shapes do not fit together (A/B rank, bank tiling, base weights)."""
 
 
+class SettingError(VBCompressError):
+    """A setting out of its range or in conflict with the input; ``setting`` names it."""
+
+    def __init__(self, setting: str, problem: str, where: str | Path | None = None):
+        super().__init__(where, problem, setting=setting)
+
+
+class OutputError(VBCompressError):
+    """An output target that cannot be written as asked (exists, is an input, is locked)."""
+
+
 class HubError(VBCompressError):
     """The Hugging Face Hub could not give what was asked for."""
+
+
+def listed(items, limit: int = 6, sep: str = ", ") -> str:
+    """``a, b, c, +4 more``: the first ``limit`` items of a list for a one-line message."""
+    items = [str(i) for i in items]
+    if not items:
+        return "nothing"
+    return sep.join(items[:limit]) + (f"{sep}+{len(items) - limit} more" if len(items) > limit else "")

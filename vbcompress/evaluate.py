@@ -1,30 +1,52 @@
-"""``eval``: how far a candidate adapter is from a reference."""
+"""``eval``: how far a candidate adapter is from a reference, in weights and, with a base model, in effect."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import VBCompressError
+from .basemodel import Base, Retention, read_texts, retention
+from .errors import SettingError
 from .formats import load_adapter
-from .metrics import delta_errors, size_report
+from .hub import resolve
+from .metrics import DeltaReport, SizeReport, delta_errors, size_report
 
 
-def evaluate(ref: str | Path, cand: str | Path, base: str | Path | None = None, data: str | Path | None = None, max_length: int = 128) -> dict:
-    """ΔW errors (per module and total) and sizes of ``cand`` against ``ref``; both any readable format.
+@dataclass
+class EvalReport:
+    """ΔW errors and sizes of ``cand`` against ``ref``; ``function`` with a base model and data."""
+
+    ref: str
+    cand: str
+    delta: DeltaReport
+    sizes: SizeReport
+    function: Retention | None = None
+
+    def to_json(self) -> dict:
+        out = {"ref": self.ref, "cand": self.cand, "delta": self.delta.to_dict(), "sizes": asdict(self.sizes)}
+        if self.function is not None:
+            out["function"] = asdict(self.function)
+        return out
+
+
+def evaluate(
+    ref: str | Path, cand: str | Path, base: str | Path | None = None, data: str | Path | None = None, max_length: int = 128, *, token: str | None = None
+) -> EvalReport:
+    """ΔW errors (per module and total) and sizes of ``cand`` against ``ref``; both any readable format,
+    local or Hub ids.
 
     With ``base`` and ``data`` (text file), also the effect retention and mean cosine of base+cand's
     outputs against base+ref's on those inputs.
     """
-    reference, candidate = load_adapter(ref), load_adapter(cand)
-    result = {"ref": str(ref), "cand": str(cand), "delta": delta_errors(reference, candidate).to_dict(), "sizes": size_report(reference, candidate)}
     if (base is None) != (data is None):
-        raise VBCompressError(None, "effect retention needs both --base and --data")
+        raise SettingError("base" if base is None else "data", "effect retention needs both a base model and data ({setting} is missing)")
+    reference = load_adapter(resolve(ref, "adapter", token=token).path)
+    candidate = load_adapter(resolve(cand, "adapter", token=token).path)
+    report = EvalReport(ref=str(ref), cand=str(cand), delta=delta_errors(reference, candidate), sizes=size_report(reference, candidate))
     if base is not None:
-        from .bank.calibrate import Base, read_texts, retention
-
-        model = Base(base, reference)
+        model = Base(resolve(base, "base", token=token).path, reference)
         model.check(candidate)
         ref_d = {n: m.delta_weight() for n, m in reference.modules.items()}
         cand_d = {n: m.delta_weight() for n, m in candidate.modules.items()}
-        result["function"] = retention(model, read_texts(data), ref_d, cand_d, max_length)
-    return result
+        report.function = retention(model, read_texts(data), ref_d, cand_d, max_length)
+    return report

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import FormatError, VBCompressError
+from .errors import FormatError, OutputError
 
 
 def check_safetensors(path: Path) -> dict:
@@ -100,9 +100,9 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs: tuple[st
     out = Path(out)
     for src in inputs:
         if src is not None and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
-            raise VBCompressError(out, "output would overwrite the input")
+            raise OutputError(out, "output would overwrite the input")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise VBCompressError(out, "output exists and is not empty (use --overwrite to replace it)")
+        raise OutputError(out, "output exists and is not empty (use {setting} to replace it)", setting="overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -133,6 +133,8 @@ SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }  # fmt: skip
+DTYPE_OF = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+CAST_DTYPES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def stream_safetensors(
@@ -172,6 +174,6 @@ def iter_safetensors(path: Path, header: dict) -> Iterator[tuple[str, torch.Tens
             f.seek(8 + n + start)
             buf = bytearray(end - start)
             f.readinto(buf)
-            dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[meta["dtype"]]
+            dtype = DTYPE_OF[meta["dtype"]]
             t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
             yield name, t.view(dtype).reshape(meta["shape"])

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HubError
+from .errors import HubError, listed
 
 # owner/name, then an optional path inside the repo, then an optional @revision (branch, tag or commit).
 HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<path>(?:/[\w.-]+)*)(?:@(?P<rev>[\w./-]+))?$")
@@ -44,16 +44,36 @@ def is_hub_ref(source: str | Path) -> bool:
     return not Path(source).exists() and isinstance(source, str) and parse_ref(source) is not None
 
 
-def local_path(source: str | Path, kind: str = "adapter", token: str | None = None) -> Path:
+@dataclass(frozen=True)
+class HubSource:
+    """Where a Hub download came from: the id as given, the repo, the revision asked for and the commit got."""
+
+    ref: str
+    repo: str
+    revision: str
+    commit: str
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A command's input as a local path, with its Hub provenance when it came from the Hub."""
+
+    path: Path
+    hub: HubSource | None = None
+
+
+def resolve(source: str | Path, kind: str = "adapter", token: str | None = None) -> Resolved:
     """A local path for ``source``: itself if it exists, else the cached download of a Hub id.
 
-    ``kind`` picks the files fetched: ``"adapter"`` (adapter weights, config and model card) or ``"base"``
-    (config, tokenizer and safetensors weights of a model). Anything else is returned as a Path, for the
-    caller to report as missing.
+    Commands call this once, at their edge; everything below them takes local paths. ``kind`` picks the
+    files fetched: ``"adapter"`` (adapter weights, config and model card) or ``"base"`` (config, tokenizer
+    and safetensors weights of a model). A path that neither exists nor reads as a Hub id is returned as
+    is, for the reader to report as missing.
     """
     if not is_hub_ref(source):
-        return Path(source)
-    return download(parse_ref(str(source)), kind, token=token).path
+        return Resolved(Path(source))
+    got = download(parse_ref(str(source)), kind, token=token)
+    return Resolved(got.path, HubSource(ref=str(source), repo=got.ref.repo_id, revision=got.ref.revision or "main", commit=got.commit))
 
 
 @dataclass(frozen=True)
@@ -109,7 +129,7 @@ def select_files(ref: HubRef, files: list[str], kind: str) -> tuple[list[str], s
     if kind == "base":
         chosen = [f for f in here if f.endswith(BASE_SUFFIXES)]
         if not any(f.endswith(".safetensors") for f in chosen):
-            raise HubError(ref, f"no .safetensors weights in the repository (it holds: {shown(here)})")
+            raise HubError(ref, f"no .safetensors weights in the repository (it holds: {listed(here)})")
     else:
         weights = [f for f in ADAPTER_WEIGHTS if f in here]
         loose = [f for f in here if f.endswith(".safetensors")]
@@ -119,13 +139,9 @@ def select_files(ref: HubRef, files: list[str], kind: str) -> tuple[list[str], s
             chosen = [loose[0] if len(loose) == 1 else "pytorch_lora_weights.safetensors"] + card
             target = prefix + chosen[0]
         else:
-            found = f"{len(loose)} .safetensors files; name one as {ref.repo_id}/FILE" if loose else f"it holds: {shown(here)}"
+            found = f"{len(loose)} .safetensors files; name one as {ref.repo_id}/FILE" if loose else f"it holds: {listed(here)}"
             raise HubError(ref, f"no adapter files in the repository ({found})")
     return [prefix + f for f in chosen], target
-
-
-def shown(names: list[str], limit: int = 6) -> str:
-    return ", ".join(names[:limit]) + (f", +{len(names) - limit} more" if len(names) > limit else "") if names else "nothing"
 
 
 class hub_errors:
@@ -152,13 +168,13 @@ class hub_errors:
 
         where = self.where
         if isinstance(error, GatedRepoError):
-            problem = "gated repository: accept its conditions on the Hub, then pass --token or set HF_TOKEN"
+            problem = "gated repository: accept its conditions on the Hub, then pass {setting} or set HF_TOKEN"
         elif isinstance(error, RepositoryNotFoundError):
-            problem = "no such file or directory here, and no such repository on the Hub (a private one needs --token or HF_TOKEN)"
+            problem = "no such file or directory here, and no such repository on the Hub (a private one needs {setting} or HF_TOKEN)"
         elif isinstance(error, RevisionNotFoundError):
             problem = f"revision {getattr(where, 'revision', None)!r} not found in the repository"
         elif isinstance(error, HfHubHTTPError) and error.response is not None and error.response.status_code in (401, 403):
-            problem = f"not authorised to {self.action} (HTTP {error.response.status_code}): pass --token or set HF_TOKEN with {self.action} access"
+            problem = f"not authorised to {self.action} (HTTP {error.response.status_code}): pass {{setting}} or set HF_TOKEN with {self.action} access"
         elif isinstance(error, OfflineModeIsEnabled) or (isinstance(error, LocalEntryNotFoundError) and is_offline()):
             problem = "not in the local cache and HF_HUB_OFFLINE is set (download it once online)"
         elif isinstance(error, (LocalEntryNotFoundError, httpx2.TransportError)):
@@ -168,7 +184,7 @@ class hub_errors:
             problem = f"the Hub answered HTTP {status}: {str(error).splitlines()[0]}"
         else:
             return False
-        raise HubError(where, problem) from error
+        raise HubError(where, problem, setting="token" if "{setting}" in problem else None) from error
 
 
 def is_offline() -> bool:
@@ -183,34 +199,28 @@ def create_repo(repo_id: str, *, private: bool = False, token: str | None = None
 
     target = parse_ref(repo_id)
     if target is None or target.path or target.revision:
-        raise HubError(repo_id, "--push-to needs a repository id owner/name")
+        raise HubError(repo_id, "the push target must be a repository id owner/name", setting="push_to")
     with hub_errors(repo_id, action="write"):
         # private=None keeps the owner's default visibility; an existing repo keeps its own.
         return str(HfApi(token=token).create_repo(repo_id, private=private or None, exist_ok=True))
 
 
-def push(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None, url: str | None = None) -> dict:
+@dataclass(frozen=True)
+class Pushed:
+    """Where ``push`` put a folder: the repo, its URL, and the commit made."""
+
+    repo: str
+    url: str
+    commit_url: str
+    commit: str
+
+
+def push(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None, url: str | None = None) -> Pushed:
     """Upload ``folder`` to ``repo_id`` as one commit, creating the repo unless its ``url`` is given
-    (already created); returns the repo, its URL and the commit."""
+    (already created)."""
     from huggingface_hub import HfApi
 
     url = url or create_repo(repo_id, private=private, token=token)
     with hub_errors(repo_id, action="write"):
         commit = HfApi(token=token).upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload VB-LoRA adapter made with vbcompress")
-    return {"repo": repo_id, "url": url, "commit_url": commit.commit_url, "commit": commit.oid}
-
-
-def compress_from_hub(
-    ref: str, out: str | Path, *, push_to: str | None = None, private: bool = False, token: str | None = None, **options
-) -> dict:
-    """``vbcompress hub``: download the LoRA at ``ref``, run :func:`~vbcompress.compress.lora2vb` on it with
-    ``options`` (writing the model card), and with ``push_to`` upload the result. Returns the lora2vb report,
-    plus ``pushed`` (repo, URLs, commit) when it was uploaded."""
-    from .compress import lora2vb
-
-    # A bad target or missing write access fails before the long part, not after it.
-    url = create_repo(push_to, private=private, token=token) if push_to is not None else None
-    report = lora2vb(ref, out, token=token, repo_id=push_to, **options)
-    if push_to is not None:
-        report["pushed"] = push(out, push_to, token=token, url=url)
-    return report
+    return Pushed(repo=repo_id, url=url, commit_url=commit.commit_url, commit=commit.oid)

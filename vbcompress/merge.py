@@ -10,48 +10,58 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .adapter import Adapter
-from .errors import FormatError, ShapeError, VBCompressError
-from .files import SAFETENSORS_DTYPES, atomic_output_dir, check_safetensors, iter_safetensors, read_json, stream_safetensors, write_json
+from .errors import FormatError, ShapeError, VBCompressError, listed
+from .files import CAST_DTYPES, DTYPE_OF, atomic_output_dir, check_safetensors, iter_safetensors, read_json, stream_safetensors, write_json
 from .formats import load_adapter
-from .hub import local_path
+from .hub import resolve
+from .settings import MergeSettings
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-DTYPE_NAMES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
-DTYPES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Other serialisations of the same weights would be stale next to merged shards.
 STALE = ("pytorch_model*.bin", "*.h5", "*.msgpack", "*.onnx", "*.ckpt")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")
 
 
-def base_layout(base: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
-    """(weight name → shard file, weight name → (shape, dtype)) of a transformers/diffusers model dir."""
+@dataclass
+class BaseLayout:
+    """A model directory's safetensors layout, every header parsed once."""
+
+    shards: dict[str, dict]  # shard file → its parsed header
+    info: dict[str, tuple[list[int], str]]  # weight name → (shape, safetensors dtype)
+    indexed: bool  # sharded with model.safetensors.index.json
+
+
+def base_layout(base: Path) -> BaseLayout:
+    """Read the safetensors layout of a transformers/diffusers model directory (headers only)."""
     if not base.is_dir():
         raise FormatError(base, "base model must be a directory")
     if (base / INDEX).is_file():
         weight_map = read_json(base / INDEX).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise FormatError(base / INDEX, "no weight_map")
+        files = sorted(set(weight_map.values()))
     else:
         candidates = [p for p in (base / SINGLE, *sorted(base.glob("*.safetensors"))) if p.is_file()]
         if not candidates:
             raise FormatError(base, "no model.safetensors or model.safetensors.index.json (merge reads safetensors weights)")
-        single = candidates[0]
-        weight_map = {k: single.name for k in check_safetensors(single) if k != "__metadata__"}
-    info = {}
-    for shard in sorted(set(weight_map.values())):
+        files = [candidates[0].name]
+    shards, info = {}, {}
+    for shard in files:
         path = base / shard
         if not path.is_file():
             raise FormatError(path, "shard named in the index is missing")
-        for name, meta in check_safetensors(path).items():
+        shards[shard] = check_safetensors(path)
+        for name, meta in shards[shard].items():
             if name != "__metadata__":
                 info[name] = (meta["shape"], meta["dtype"])
-    return weight_map, info
+    return BaseLayout(shards=shards, info=info, indexed=(base / INDEX).is_file())
 
 
 def resolve_targets(adapter: Adapter, info: dict[str, tuple[list[int], str]], base: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -94,39 +104,55 @@ def resolve_targets(adapter: Adapter, info: dict[str, tuple[list[int], str]], ba
         else:
             problems.append(f"{key} (carried tensor without a base weight of shape {list(t.shape)})")
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; +{len(problems) - 6} more" if len(problems) > 6 else "")
-        raise ShapeError(base, f"{len(problems)} adapter tensor(s) do not match the base model: {shown}")
+        raise ShapeError(base, f"{len(problems)} adapter tensor(s) do not match the base model: {listed(problems, 6, '; ')}")
     return targets, replaced
 
 
-def merge(base: str | Path, adapter_src: str | Path, out: str | Path, *, dtype: str = "keep", overwrite: bool = False) -> dict:
-    """Write ``base`` with the adapter at ``adapter_src`` folded in to ``out``; returns a short report.
+@dataclass
+class MergeReport:
+    """What ``merge`` wrote."""
+
+    base: str
+    adapter: str
+    out: str
+    shards: int
+    merged_modules: int
+    replaced_tensors: int
+    copied_files: list[str]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def merge(
+    base: str | Path, adapter_src: str | Path, out: str | Path, settings: MergeSettings | None = None, *, overwrite: bool = False, token: str | None = None
+) -> MergeReport:
+    """Write ``base`` with the adapter at ``adapter_src`` folded in to ``out``.
 
     Either may be a Hub id (``owner/name[@revision]``); only the files a merge needs are downloaded.
     """
-    base = local_path(base, "base")
-    if dtype not in DTYPES:
-        raise VBCompressError(None, f"--dtype must be one of {', '.join(DTYPES)}")
-    adapter = load_adapter(adapter_src)
-    weight_map, info = base_layout(base)
-    targets, replaced = resolve_targets(adapter, info, base)
-    cast = DTYPES[dtype]
-    shards = sorted(set(weight_map.values()))
+    settings = settings or MergeSettings()
+    settings.check()
+    base_dir = resolve(base, "base", token=token).path
+    adapter_dir = resolve(adapter_src, "adapter", token=token).path
+    adapter = load_adapter(adapter_dir)
+    layout = base_layout(base_dir)
+    targets, replaced = resolve_targets(adapter, layout.info, base_dir)
+    cast = CAST_DTYPES[settings.dtype]
     total_size = 0
-    with atomic_output_dir(out, overwrite=overwrite, inputs=(base, adapter_src)) as tmp:
-        for shard in shards:
-            header = check_safetensors(base / shard)
-            layout = []
+    with atomic_output_dir(out, overwrite=overwrite, inputs=(base_dir, adapter_dir)) as tmp:
+        for shard, header in layout.shards.items():
+            names = []
             for key, meta in header.items():
                 if key == "__metadata__":
                     continue
-                dtype = DTYPE_NAMES[meta["dtype"]]
+                dtype = DTYPE_OF[meta["dtype"]]
                 if cast is not None and dtype.is_floating_point:
                     dtype = cast
-                layout.append((key, meta["shape"], dtype))
+                names.append((key, meta["shape"], dtype))
                 total_size += math.prod(meta["shape"]) * torch.empty(0, dtype=dtype).element_size()
 
-            def merged(path=base / shard, header=header):
+            def merged(path=base_dir / shard, header=header):
                 for key, t in iter_safetensors(path, header):
                     if key in targets:
                         t = (t.float() + adapter.modules[targets[key]].delta_weight(torch.float32)).to(t.dtype)
@@ -134,18 +160,18 @@ def merge(base: str | Path, adapter_src: str | Path, out: str | Path, *, dtype: 
                         t = adapter.carried[replaced[key]].to(t.dtype)
                     yield t.to(cast) if cast is not None and t.is_floating_point() else t
 
-            stream_safetensors(tmp / shard, layout, merged(), metadata=header.get("__metadata__") or {"format": "pt"})
-        if (base / INDEX).is_file():
-            index = read_json(base / INDEX)
+            stream_safetensors(tmp / shard, names, merged(), metadata=header.get("__metadata__") or {"format": "pt"})
+        if layout.indexed:
+            index = read_json(base_dir / INDEX)
             index.setdefault("metadata", {})["total_size"] = total_size
             write_json(tmp / INDEX, index)
-        copied = copy_side_files(base, tmp, set(shards) | {INDEX})
+        copied = copy_side_files(base_dir, tmp, set(layout.shards) | {INDEX})
         if cast is not None and (tmp / "config.json").is_file():
             config = json.loads((tmp / "config.json").read_text())
-            config["torch_dtype"] = dtype
+            config["torch_dtype"] = settings.dtype
             write_json(tmp / "config.json", config)
-    return {"base": str(base), "adapter": str(adapter_src), "out": str(out), "shards": len(shards),
-            "merged_modules": len(targets), "replaced_tensors": len(replaced), "copied_files": copied}  # fmt: skip
+    return MergeReport(base=str(base), adapter=str(adapter_src), out=str(out), shards=len(layout.shards),
+                       merged_modules=len(targets), replaced_tensors=len(replaced), copied_files=copied)  # fmt: skip
 
 
 def copy_side_files(base: Path, dest: Path, skip: set[str]) -> list[str]:

@@ -62,17 +62,29 @@ def delta_errors(ref: Adapter, cand: Adapter) -> DeltaReport:
     )
 
 
-def size_report(ref: Adapter, cand: Adapter) -> dict:
+@dataclass
+class SizeReport:
     """Bytes of both adapters' own weights, the reference at fp16, and the ratio used everywhere."""
+
+    ref_bytes: int
+    ref_fp16_bytes: int
+    cand_bytes: int
+    ratio_vs_ref_fp16: float | None
+    ref_carried_bytes: int
+    cand_carried_bytes: int
+
+
+def size_report(ref: Adapter, cand: Adapter) -> SizeReport:
+    """Sizes of ``cand`` against ``ref``."""
     fp16 = ref.fp16_bytes()
-    return {
-        "ref_bytes": ref.stored_bytes(),
-        "ref_fp16_bytes": fp16,
-        "cand_bytes": cand.stored_bytes(),
-        "ratio_vs_ref_fp16": cand.stored_bytes() / fp16 if fp16 else None,
-        "ref_carried_bytes": ref.carried_bytes(),
-        "cand_carried_bytes": cand.carried_bytes(),
-    }
+    return SizeReport(
+        ref_bytes=ref.stored_bytes(),
+        ref_fp16_bytes=fp16,
+        cand_bytes=cand.stored_bytes(),
+        ratio_vs_ref_fp16=cand.stored_bytes() / fp16 if fp16 else None,
+        ref_carried_bytes=ref.carried_bytes(),
+        cand_carried_bytes=cand.carried_bytes(),
+    )
 
 
 def fmt_bytes(n: int | None) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-RULES = ("sara", "fro", "ratio")
+from .settings import RANK_RULES as RULES
 
 
 def choose_rank(s: torch.Tensor, rule: str = "sara", threshold: float = 0.9) -> int:

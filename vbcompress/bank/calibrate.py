@@ -9,162 +9,39 @@ adapter's own effect on the batch, which makes it a direct proxy for 1 − effec
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..adapter import Adapter, VBCode, VectorBank
-from ..errors import FormatError, ShapeError, VBCompressError
+from ..basemodel import Base, Retention, effect_distance, retention
+from ..settings import CalibrationSettings
 from .fit import Mix
 
 
 @dataclass
-class CalibrationSettings:
-    steps: int = 400
-    samples: int = 256
-    batch_size: int = 16
-    max_length: int = 64
-    lr: float = 1e-2  # measured on minilm: 3e-3 → 0.677, 1e-2 → 0.736, 3e-2 → 0.738 held-out retention (N=64)
-    seed: int = 0
-    heldout: float = 0.125  # share of samples kept out of training, to report retention honestly
+class CalibrationReport:
+    """What calibration did and kept; ``retention_*`` are measured on held-out samples never trained on."""
 
-
-def read_texts(path: str | Path) -> list[str]:
-    """Calibration text: one sample per line, or JSONL with a ``text`` field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FormatError(path, "no such file")
-    texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("{"):
-            try:
-                line = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise FormatError(path, f"line {n}: JSONL lines need a string field 'text'") from None
-        texts.append(str(line))
-    if not texts:
-        raise FormatError(path, "no calibration text in the file")
-    return texts
-
-
-class Base:
-    """A transformers model (local dir or Hub id) and its tokenizer, with the adapter's layers located."""
-
-    def __init__(self, base: str | Path, adapter: Adapter):
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-        from ..hub import local_path
-
-        base = local_path(base, "base")
-        try:
-            config = AutoConfig.from_pretrained(str(base))
-            self.causal = adapter.task_type == "CAUSAL_LM" or any(
-                a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or [])
-            )
-            loader = AutoModelForCausalLM if self.causal else AutoModel
-            self.model = loader.from_pretrained(str(base), dtype=torch.float32).eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(str(base))
-        except (OSError, ValueError) as e:
-            raise VBCompressError(base, f"cannot load the base model ({str(e).splitlines()[0][:160]})") from None
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.base = base
-        self.params = dict(self.model.named_parameters())
-        self.weights: dict[str, str] = {}
-        self.check(adapter)
-
-    def check(self, adapter: Adapter) -> None:
-        """Locate every adapter module as a linear layer of matching shape; one error listing all misfits."""
-        from transformers.pytorch_utils import Conv1D
-
-        problems = []
-        for name, m in adapter.modules.items():
-            try:
-                layer = self.model.get_submodule(name)
-            except AttributeError:
-                problems.append(f"{name} (no such layer)")
-                continue
-            if not isinstance(layer, (nn.Linear, Conv1D)):
-                problems.append(f"{name} ({type(layer).__name__}, not a linear layer)")
-                continue
-            shape = list(layer.weight.shape)
-            expected = [m.in_features, m.out_features] if m.transposed else [m.out_features, m.in_features]
-            if shape != expected:
-                problems.append(f"{name} (weight {shape}, adapter ΔW {expected})")
-                continue
-            self.weights[name] = f"{name}.weight"
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; +{len(problems) - 5} more" if len(problems) > 5 else "")
-            raise ShapeError(self.base, f"base model does not fit the adapter: {shown}")
-
-    def encode(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-        return self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-
-    def forward(self, batch: dict, deltas: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        """Outputs with ``deltas`` (module → ΔW in the weight's layout) added to the base weights."""
-        overrides = {self.weights[n]: self.params[self.weights[n]] + d for n, d in (deltas or {}).items()}
-        out = torch.func.functional_call(self.model, overrides, args=(), kwargs=dict(batch), strict=False)
-        return out.logits if self.causal else out.last_hidden_state
-
-    def data_free_texts(self, n: int, gen: torch.Generator, length: int) -> list[str]:
-        """Calibration text without data: random vocabulary for encoders, samples of the base for LMs."""
-        tok = self.tokenizer
-        if self.causal:
-            start = torch.full((n, 1), tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id)
-            torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
-            with torch.no_grad():
-                ids = self.model.generate(start, do_sample=True, max_new_tokens=length, pad_token_id=tok.pad_token_id)
-            return tok.batch_decode(ids, skip_special_tokens=True)
-        special = set(tok.all_special_ids)
-        vocab = torch.tensor([i for i in range(len(tok)) if i not in special])
-        ids = vocab[torch.randint(len(vocab), (n, length), generator=gen)]
-        return tok.batch_decode(ids)
-
-
-def effect_distance(base: Base, student: torch.Tensor, teacher: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(squared distance student↔teacher, squared size of the adapter's effect), over real tokens."""
-    m = mask[..., None].to(student.dtype)
-    if base.causal:
-        # next-token distributions: KL(teacher ‖ student), effect = KL(teacher ‖ base)
-        t = torch.log_softmax(teacher, -1)
-        kl_s = (t.exp() * (t - torch.log_softmax(student, -1))).sum(-1, keepdim=True)
-        kl_b = (t.exp() * (t - torch.log_softmax(plain, -1))).sum(-1, keepdim=True)
-        return (kl_s * m).sum(), (kl_b * m).sum()
-    return ((student - teacher).square() * m).sum(), ((teacher - plain).square() * m).sum()
-
-
-def pooled(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens (sentence embeddings for encoders; mean next-token logits for LMs)."""
-    m = mask[..., None].to(out.dtype)
-    return (out * m).sum(1) / m.sum(1)
-
-
-def retention(base: Base, texts: list[str], ref: dict, cand: dict, max_length: int, batch_size: int = 32) -> dict:
-    """Effect retention ``1 − ‖f_cand − f_ref‖ / ‖f_ref − f_base‖`` and mean cosine(f_cand, f_ref).
-
-    ``f`` are mean-pooled outputs per input; ``ref``/``cand`` map module → ΔW.
-    """
-    outs = {"base": [], "ref": [], "cand": []}
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            batch = base.encode(texts[i : i + batch_size], max_length)
-            for key, deltas in (("base", None), ("ref", ref), ("cand", cand)):
-                outs[key].append(pooled(base.forward(batch, deltas), batch["attention_mask"]))
-    f = {k: torch.cat(v) for k, v in outs.items()}
-    effect = (f["ref"] - f["base"]).norm()
-    gap = (f["cand"] - f["ref"]).norm()
-    cos = torch.nn.functional.cosine_similarity(f["cand"], f["ref"], dim=-1).mean()
-    return {"effect_retention": float(1 - gap / effect) if effect > 0 else None, "mean_cosine": float(cos), "samples": len(texts)}
+    steps: int
+    samples: int
+    heldout_samples: int
+    batch_size: int
+    max_length: int
+    lr: float
+    seed: int
+    objective: str  # "KL" (causal LMs) or "MSE" (hidden states)
+    retention_before: Retention | None
+    retention_after: Retention | None
+    first_loss: float | None
+    last_loss: float | None
+    base: str | None = None  # filled in by the command: the base as given, the data used, the file
+    data: str | None = None
+    calibration_file: str | None = None
+    frozen_bank: bool = False
 
 
 class BankModel(nn.Module):
@@ -218,27 +95,31 @@ def calibrate(
     base: Base,
     texts: list[str],
     settings: CalibrationSettings,
+    seed: int = 0,
     progress: Callable[[str, int, int, float], None] | None = None,
-) -> tuple[VectorBank, dict]:
+    freeze_bank: bool = False,
+) -> tuple[VectorBank, CalibrationReport]:
     """Train ``vb`` so that base + bank reproduces base + ``source`` on ``texts``; returns the bank and a report.
 
-    A held-out share of ``texts`` is never trained on; retention before/after is measured on it.
+    A held-out share of ``texts`` is never trained on; retention before/after is measured on it. With
+    ``freeze_bank`` only the logits train (a bank that other adapters share must not move).
     """
-    gen = torch.Generator().manual_seed(settings.seed)
-    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     order = torch.randperm(len(texts), generator=gen).tolist()
     texts = [texts[i] for i in order][: settings.samples]
     n_held = max(1, round(len(texts) * settings.heldout)) if len(texts) > 1 else 0
     held, train = texts[:n_held], texts[n_held:] or texts
     teacher = {n: m.delta_weight() for n, m in source.modules.items()}
     model = BankModel(vb, source)
+    model.bank.requires_grad_(not freeze_bank)
     with torch.no_grad():
         before = retention(base, held, teacher, model.deltas(), settings.max_length) if held else None
     scale = float(vb.bank.float().abs().mean()) + 1e-12
-    opt = torch.optim.Adam([
-        {"params": [model.bank], "lr": settings.lr * scale},
-        {"params": list(model.logits), "lr": settings.lr * 10},
-    ])  # fmt: skip
+    groups = [{"params": list(model.logits), "lr": settings.lr * 10}]
+    if not freeze_bank:
+        groups.append({"params": [model.bank], "lr": settings.lr * scale})
+    opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, settings.steps))
     batches = [base.encode(train[i : i + settings.batch_size], settings.max_length) for i in range(0, len(train), settings.batch_size)]
     with torch.no_grad():
@@ -259,10 +140,10 @@ def calibrate(
     result = model.vector_bank()
     with torch.no_grad():
         after = retention(base, held, teacher, BankModel(result, source).deltas(), settings.max_length) if held else None
-    report = {
-        "steps": settings.steps, "samples": len(texts), "heldout_samples": len(held), "batch_size": settings.batch_size,
-        "max_length": settings.max_length, "lr": settings.lr, "seed": settings.seed, "objective": "KL" if base.causal else "MSE",
-        "retention_before": before, "retention_after": after, "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-    }  # fmt: skip
+    report = CalibrationReport(
+        steps=settings.steps, samples=len(texts), heldout_samples=len(held), batch_size=settings.batch_size,
+        max_length=settings.max_length, lr=settings.lr, seed=seed, objective="KL" if base.causal else "MSE",
+        retention_before=before, retention_after=after, first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None, frozen_bank=freeze_bank,
+    )  # fmt: skip
     return result, report

@@ -27,25 +27,10 @@ import torch
 
 from ..adapter import VBCode
 from ..linalg import balanced, gram_sq_error
+from ..settings import FitSettings
 
 # Elements of the [chunk, candidates, partners] scratch tensors in one assignment chunk (64 MB each in float32).
 CHUNK_ELEMENTS = 1 << 24
-
-
-@dataclass
-class FitSettings:
-    num_vectors: int = 256
-    vector_length: int = 256
-    topk: int = 2
-    rank: int | None = None
-    iters: int = 30
-    refine_steps: int = 300
-    refine_lr: float = 3e-3
-    candidates: int = 8
-    partners: int | None = 128  # second-vector search width (None: the whole bank)
-    seed: int = 0
-    device: str = "cpu"
-    init: str = "residual"  # or "kmeans++" (measured worse, kept for comparison)
 
 
 @dataclass
@@ -211,8 +196,31 @@ def assign(
 
 
 def solve_bank(U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, old: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
-    """Closed-form bank minimising ``Σ_s w_s ‖u_s − Σ_k wts_sk · bank[idx_sk]‖²`` for fixed codes."""
-    n, k = old.shape[0], idx.shape[1]
+    """Closed-form bank minimising ``Σ_s w_s ‖u_s − Σ_k wts_sk · bank[idx_sk]‖²`` for fixed codes.
+
+    With the mixing matrix ``C: [S, N]`` (row s holds the code of sub-vector s) the bank solves
+    ``(Cᵀ W C + λI) bank = Cᵀ W U + λ·old``, a small ridge keeping unused vectors where they were.
+    """
+    n = old.shape[0]
+    M, R = normal_equations(U, w, idx, wts, n)
+    lam = ridge * (M.diagonal().mean() + 1e-30)
+    M.diagonal().add_(lam)
+    return torch.linalg.solve(M, R + lam * old.double()).float()
+
+
+def normal_equations(U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Cᵀ W C [N, N], Cᵀ W U [N, L])`` in float64 for the sparse mixing matrix ``C`` of the codes."""
+    S, k = idx.shape
+    if U.device.type == "cpu":
+        # scipy's sparse products: 2.4× faster than index_add_ at N=2048, S=156k (no [S, L] float64
+        # temporaries), sequential and so deterministic; same result to the last bit in our measurement.
+        import numpy as np
+        import scipy.sparse as sp
+
+        rows = np.repeat(np.arange(S), k)
+        C = sp.csr_matrix((wts.double().numpy().ravel(), (rows, idx.numpy().ravel())), shape=(S, n))
+        Cw = C.multiply(w.double().numpy()[:, None]).tocsr()
+        return torch.from_numpy((Cw.T @ C).toarray()), torch.from_numpy(Cw.T @ U.double().numpy())
     M = torch.zeros(n * n, dtype=torch.float64, device=U.device)
     R = torch.zeros(n, U.shape[1], dtype=torch.float64, device=U.device)
     cw = wts.double() * w.double()[:, None]
@@ -220,11 +228,7 @@ def solve_bank(U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: torch.T
         R.index_add_(0, idx[:, a], cw[:, a : a + 1] * U.double())
         for b in range(k):
             M.index_add_(0, idx[:, a] * n + idx[:, b], cw[:, a] * wts[:, b].double())
-    M = M.reshape(n, n)
-    lam = ridge * (M.diagonal().mean() + 1e-30)
-    M.diagonal().add_(lam)
-    bank = torch.linalg.solve(M, R + lam * old.double())
-    return bank.float()
+    return M.reshape(n, n), R
 
 
 def reseed_dead(bank: torch.Tensor, U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, gen) -> int:
@@ -281,7 +285,11 @@ def fit_bank(
     settings: FitSettings,
     progress: Callable[[str, int, int, float], None] | None = None,
 ) -> FitResult:
-    """Fit one bank to all modules. ``factors``: name → ``(B [out, r], A [r, in])`` with the scale folded."""
+    """Fit one bank to all modules. ``factors``: name → ``(B [out, r], A [r, in])`` with the scale folded.
+
+    ``settings.vector_length`` must be set and ``settings.device`` be ``cpu`` or ``cuda`` (the command
+    resolves ``None`` and ``auto``).
+    """
     device = torch.device(settings.device)
     gen = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from ..adapter import Adapter
-from ..errors import FormatError
+from ..errors import FormatError, SettingError
 from ..files import read_json, read_tensors
-from ..hub import local_path
 from .common import check_finite
 from .diffusers import is_legacy, read_diffusers
 from .kohya import read_kohya
@@ -65,18 +65,18 @@ def _weights_in(path: Path) -> Path:
     raise FormatError(path, f"no adapter found ({what})")
 
 
-def load_adapter(path: str | Path, format: str | None = None, allow_nonfinite: bool = False) -> Adapter:
-    """Read an adapter from a directory, a weights file or a Hub id (``owner/name[/path][@revision]``),
-    detecting its format unless ``format`` is given. A local path wins over a Hub id spelled the same.
+def load_adapter(path: str | os.PathLike, format: str | None = None, allow_nonfinite: bool = False) -> Adapter:
+    """Read an adapter from a local directory or weights file, detecting its format unless ``format`` is
+    given. (Commands take Hub ids too: they resolve them to a local path with :func:`vbcompress.hub.resolve`.)
 
     Raises :class:`~vbcompress.errors.FormatError` naming the file and the problem for bad input, and
-    for NaN/Inf values unless ``allow_nonfinite``; :class:`~vbcompress.errors.HubError` for Hub failures.
+    for NaN/Inf values unless ``allow_nonfinite``.
     """
-    path = local_path(path, "adapter")
+    path = Path(path)
     if not path.exists():
         raise FormatError(path, "no such file or directory")
     if format is not None and format not in FORMATS:
-        raise FormatError(path, f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
+        raise SettingError("format", f"{{setting}} {format!r} is not one of {', '.join(FORMATS)}", where=path)
     weights = _weights_in(path) if path.is_dir() else path
     tensors, metadata = read_tensors(weights)
     fmt = format or detect_format(tensors, weights)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import CONV, EMBEDDING, LINEAR, LoraModule, natural_key
-from ..errors import FormatError, ShapeError
+from ..errors import FormatError, ShapeError, listed
 
 
 @dataclass
@@ -119,8 +119,7 @@ def stored_alpha_scale(_name: str, r: int, alpha: float | None) -> float:
 
 def reject_unknown(path: Path, keys: list[str], what: str) -> None:
     if keys:
-        shown = ", ".join(sorted(keys)[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-        raise FormatError(path, f"{len(keys)} unknown {what} key(s): {shown}")
+        raise FormatError(path, f"{len(keys)} unknown {what} key(s): {listed(sorted(keys), 8)}")
 
 
 def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -47,11 +48,11 @@ def read_peft_lora(tensors: dict[str, torch.Tensor], config: dict, path: Path) -
     )
 
 
-def target_modules_for(adapter: Adapter):
+def target_modules_for(adapter: Adapter, names: list[str] | None = None):
     """The source's ``target_modules`` when it was PEFT, else the exact module names (always correct)."""
     if adapter.source_format in ("peft", "vblora") and adapter.target_modules:
         return adapter.target_modules
-    return sorted(adapter.modules)
+    return sorted(adapter.modules if names is None else names)
 
 
 def lora_config(adapter: Adapter, modules: dict[str, LoraModule]) -> dict:
@@ -63,7 +64,6 @@ def lora_config(adapter: Adapter, modules: dict[str, LoraModule]) -> dict:
     alphas = {name: m.scale * m.r for name, m in modules.items()}
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     alpha_pattern = {re.escape(name): a for name, a in alphas.items() if a != alpha}
-    fan = {m.fan_in_fan_out for m in modules.values() if m.kind != EMBEDDING}
     return {
         "peft_type": "LORA",
         "task_type": adapter.task_type,
@@ -74,7 +74,7 @@ def lora_config(adapter: Adapter, modules: dict[str, LoraModule]) -> dict:
         "alpha_pattern": alpha_pattern,
         "use_rslora": False,
         "target_modules": target_modules_for(adapter),
-        "fan_in_fan_out": fan == {True},
+        "fan_in_fan_out": adapter.fan_in_fan_out(),
         "modules_to_save": adapter.modules_to_save,
         "lora_dropout": 0.0,
         "bias": "none",
@@ -85,13 +85,11 @@ def lora_config(adapter: Adapter, modules: dict[str, LoraModule]) -> dict:
     }
 
 
-def write_peft_lora(adapter: Adapter, out: Path, dtype: torch.dtype | None = None) -> None:
+def write_peft_lora(adapter: Adapter, out: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
     """Write ``adapter``'s modules and carried tensors as a PEFT LoRA into the directory ``out``.
 
     ``dtype`` casts the factors (default: keep each tensor's dtype).
     """
-    if len({m.fan_in_fan_out for m in adapter.modules.values() if m.kind != EMBEDDING}) > 1:
-        raise FormatError(adapter.source, "PEFT has one fan_in_fan_out per adapter; this one mixes both layouts")
     tensors = {}
     for name, m in adapter.modules.items():
         a, b = (m.A, m.B) if dtype is None else (m.A.to(dtype), m.B.to(dtype))
@@ -102,6 +100,7 @@ def write_peft_lora(adapter: Adapter, out: Path, dtype: torch.dtype | None = Non
             a, b = a.reshape(m.r, -1, *m.kernel), b.reshape(*b.shape, 1, 1)
         tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = a, b
     tensors.update(adapter.carried)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(tensors, out / "adapter_model.safetensors")
     write_json(out / "adapter_config.json", lora_config(adapter, adapter.modules))

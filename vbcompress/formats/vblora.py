@@ -7,6 +7,7 @@ our reconstruction equals what PEFT computes.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -117,10 +118,11 @@ def _side_code(p: dict, side: str, name: str, vb: VectorBank, path: Path) -> tup
 
 
 def vblora_config(adapter: Adapter, vb: VectorBank, full_logits: bool) -> dict:
-    ranks = {m.r for m in adapter.modules.values()}
-    fan = {m.fan_in_fan_out for m in adapter.modules.values()}
-    if len(ranks) != 1 or len(fan) != 1:
-        raise ShapeError(adapter.source, "VB-LoRA needs one rank and one fan_in_fan_out for all modules")
+    """PEFT's ``VBLoRAConfig`` for ``vb``: the rank is read from the codes, ``fan_in_fan_out`` from the
+    adapter's modules (or its config when it carries codes only)."""
+    ranks = {c.indices_A.shape[0] for c in vb.codes.values()}
+    if len(ranks) != 1:
+        raise ShapeError(adapter.source, f"VB-LoRA needs one rank for all modules, not {sorted(ranks)}")
     return {
         "peft_type": "VBLORA",
         "task_type": adapter.task_type,
@@ -129,9 +131,9 @@ def vblora_config(adapter: Adapter, vb: VectorBank, full_logits: bool) -> dict:
         "num_vectors": vb.num_vectors,
         "vector_length": vb.vector_length,
         "topk": vb.topk,
-        "target_modules": target_modules_for(adapter),
+        "target_modules": target_modules_for(adapter, list(vb.codes)),
         "save_only_topk_weights": not full_logits,
-        "fan_in_fan_out": fan.pop(),
+        "fan_in_fan_out": adapter.fan_in_fan_out(),
         "vblora_dropout": 0.0,
         "bias": "none",
         "modules_to_save": adapter.modules_to_save,
@@ -162,7 +164,7 @@ def vblora_tensors(vb: VectorBank, full_logits: bool = False) -> dict[str, torch
     return tensors
 
 
-def write_vblora(adapter: Adapter, out: Path, full_logits: bool = False) -> None:
+def write_vblora(adapter: Adapter, out: str | os.PathLike, full_logits: bool = False) -> None:
     """Write ``adapter.vector_bank`` and carried tensors as a PEFT VB-LoRA adapter into ``out``."""
     vb = adapter.vector_bank
     if vb is None:
@@ -170,6 +172,7 @@ def write_vblora(adapter: Adapter, out: Path, full_logits: bool = False) -> None
     config = vblora_config(adapter, vb, full_logits)
     tensors = vblora_tensors(vb, full_logits)
     tensors.update(adapter.carried)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(tensors, out / "adapter_model.safetensors")
     write_json(out / "adapter_config.json", config)

@@ -108,9 +108,16 @@ format_option = click.option(
 @token_option
 @click.option("--json", "as_json", is_flag=True, help="Print stable JSON instead of a table.")
 def inspect(path: str, threshold: float, fmt: str | None, token: str | None, as_json: bool) -> None:
-    """Show what the adapter at PATH (a path or Hub id) holds: format, shapes, ranks, sizes and per-module spectra."""
+    """Show what the adapter at PATH (a path or Hub id) holds: format, shapes, ranks, sizes and per-module spectra.
+
+    PATH may also be a collection (made by `pack`): its adapters, their errors and bytes, the bank and totals.
+    """
+    from .collection import is_collection
     from .inspection import inspect_adapter
 
+    if is_collection(path):
+        print_collection(path, as_json)
+        return
     info = inspect_adapter(path, threshold=threshold, format=fmt, token=token)
     if as_json:
         emit_json(info.to_json())
@@ -165,7 +172,7 @@ def progress_bar():
 def lora2vb_options(f):
     for option in reversed([
         click.option("-o", "--out", required=True, help="Output directory (a PEFT VB-LoRA adapter, vbcompress.json and a model card)."),
-        options_for(FitSettings),
+        options_for(FitSettings, skip=("code_refine_steps",)),
         options_for(OutputSettings),
         click.option("--base", default=None, help="Base model directory or Hub id: after the weight fit, calibrate on the adapter's function."),
         click.option("--calibration", "texts", default=None, help="Calibration text: one sample per line, or JSONL with 'text' [default: data-free]."),
@@ -350,6 +357,131 @@ def merge(base, adapter_src, out, overwrite, token, as_json, **options):
         return
     click.echo(f"wrote {out}: {report.merged_modules} weights merged, {report.replaced_tensors} replaced by the adapter's heads, "
                f"{report.shards} shard(s), {len(report.copied_files)} other file(s) copied")
+
+
+def print_collection(path: str, as_json: bool) -> None:
+    from .collection import Collection, collection_summary
+
+    coll = Collection(path)
+    info = collection_summary(coll)
+    if as_json:
+        emit_json(info)
+        return
+    st = info["settings"]
+    click.echo(f"collection:  {path}  (format {info['format_version']}, base model {info['base_model'] or '-'})")
+    click.echo(f"bank:        N={st['num_vectors']}, L={st['vector_length']}, k={st['topk']}, {st['bank_dtype']}: {fmt_bytes(info['bank_bytes'])}")
+    rows = [[name, e.source, e.source_sha256[:12], e.rank, fmt_num(e.rel_error, ".4f"), fmt_bytes(e.marginal_bytes),
+             fmt_bytes(e.source_fp16_bytes), e.added_by + (" +cal" if e.calibrated else "")] for name, e in coll.entries.items()]  # fmt: skip
+    click.echo()
+    print_table(["adapter", "source", "sha256", "r", "ΔW error", "marginal", "source fp16", "added"], rows)
+    ratio = f"{info['ratio_vs_sources_fp16']:.1%}" if info["ratio_vs_sources_fp16"] else "-"
+    click.echo(f"\ntotal:       {fmt_bytes(info['total_bytes'])} for {len(rows)} adapter(s) = {ratio} of the sources at fp16 "
+               f"({fmt_bytes(info['sources_fp16_bytes'])}); {fmt_bytes(info['disk_bytes'])} on disk")
+
+
+def print_entries(entries, verb: str) -> None:
+    for e in entries:
+        click.echo(f"{verb} {e.name}: ΔW error {fmt_num(e.rel_error, '.4f')}, {fmt_bytes(e.marginal_bytes)} "
+                   f"({e.marginal_bytes / e.source_fp16_bytes:.1%} of its LoRA at fp16), rank {e.rank}")
+        if e.rel_error is not None and e.rel_error >= 0.9:
+            click.echo(f"note: the bank keeps almost nothing of {e.name} (ΔW error {e.rel_error:.3f}; 1.0 is an empty adapter): "
+                       "its weights share little with what the bank was fitted to. A bank of its own, or int4 factors, keeps more.")
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, help="Collection directory to create.")
+@click.option("--name", "names", multiple=True, help="Name of each source in order (repeat) [default: folder/file stem or Hub repo name].")
+@options_for(FitSettings, skip=("code_refine_steps",))
+@options_for(OutputSettings, skip=("full_logits",))
+@click.option("--allow-mixed-bases", is_flag=True, help="Pack adapters whose configs name different base models.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is an earlier output.")
+@format_option
+@token_option
+@click.option("--json", "as_json", is_flag=True, help="Print the collection summary as JSON.")
+def pack(sources, out, names, allow_mixed_bases, overwrite, fmt, token, as_json, **options):
+    """Fit ONE vector bank jointly to every adapter in SOURCES (paths or Hub ids of one base) and write a collection.
+
+    The bank is paid for once; each adapter then costs only its codes. Each adapter weighs equally in the
+    fit (relative ΔW error). Add more later with `add`, get PEFT adapters back with `unpack`.
+    """
+    from .collection import collection_summary
+    from .collection import pack as run
+
+    fit, output = settings_from(FitSettings, options), settings_from(OutputSettings, options)
+    bar = None if as_json else progress_bar()
+    try:
+        coll = run(list(sources), out, fit, output=output, names=list(names) or None, allow_mixed_bases=allow_mixed_bases,
+                   format=fmt, overwrite=overwrite, token=token, progress=bar)  # fmt: skip
+    finally:
+        if bar:
+            bar.close()
+    if as_json:
+        emit_json(collection_summary(coll))
+        return
+    print_entries(coll.entries.values(), "packed")
+    print_collection(out, False)
+
+
+@main.command()
+@click.argument("collection")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--name", "names", multiple=True, help="Name of each source in order (repeat) [default: folder/file stem or Hub repo name].")
+@options_for(FitSettings, skip=("num_vectors", "vector_length", "topk", "rank", "iters", "refine_steps"))
+@click.option("--base", default=None, help="Base model directory or Hub id: calibrate each new adapter's logits on its function (the bank stays frozen).")
+@click.option("--calibration", "texts", default=None, help="Calibration text: one sample per line, or JSONL with 'text' [default: data-free].")
+@options_for(CalibrationSettings, prefix="calib-")
+@click.option("--allow-mixed-bases", is_flag=True, help="Add adapters whose configs name another base model.")
+@format_option
+@token_option
+@click.option("--json", "as_json", is_flag=True, help="Print the added entries as JSON.")
+def add(collection, sources, names, base, texts, allow_mixed_bases, fmt, token, as_json, **options):
+    """Encode each adapter in SOURCES against the frozen bank of COLLECTION and add it (codes only)."""
+    from dataclasses import asdict
+
+    from .collection import add as run
+
+    fit, calibration = settings_from(FitSettings, options), settings_from(CalibrationSettings, options, prefix="calib-")
+    bar = None if as_json else progress_bar()
+    try:
+        entries = run(collection, list(sources), names=list(names) or None, fit=fit, base=base, calibration=calibration, texts=texts,
+                      allow_mixed_bases=allow_mixed_bases, format=fmt, token=token, progress=bar)  # fmt: skip
+    finally:
+        if bar:
+            bar.close()
+    if as_json:
+        emit_json({"added": [asdict(e) for e in entries]})
+    else:
+        print_entries(entries, "added")
+
+
+@main.command()
+@click.argument("collection")
+@click.argument("names", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, help="Output directory: the adapter for one NAME, OUT/NAME for several.")
+@click.option("--dense", is_flag=True, help="Write a dense PEFT LoRA instead of VB-LoRA (rank rules as vb2lora).")
+@click.option("--rank", default=None, help="With --dense: integer cap, or 'auto' (per-module by --rule) [default: full rank, exact].")
+@options_for(RankSettings)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is an earlier output.")
+def unpack(collection, names, out, dense, rank, overwrite, **options):
+    """Write adapters NAMES of COLLECTION as PEFT VB-LoRA adapters (bank included) that PEFT loads."""
+    from .collection import Collection
+
+    paths = Collection(collection).unpack(list(names), out, dense=dense, rank=rank_value(rank),
+                                          rank_settings=settings_from(RankSettings, options), overwrite=overwrite)  # fmt: skip
+    for name, path in zip(names, paths):
+        click.echo(f"wrote {path}  ({name}, {'dense LoRA' if dense else 'VB-LoRA'})")
+
+
+@main.command()
+@click.argument("collection")
+@click.argument("names", nargs=-1, required=True)
+def remove(collection, names):
+    """Remove adapters NAMES from COLLECTION (the bank stays as it is)."""
+    from .collection import remove as run
+
+    run(collection, list(names))
+    click.echo(f"removed {', '.join(names)} from {collection}")
 
 
 if __name__ == "__main__":

@@ -86,10 +86,11 @@ def merged_view(sources: list[Adapter]) -> Adapter:
     return Adapter(modules={f"{i}/{n}": m for i, s in enumerate(sources) for n, m in s.modules.items()}, source=sources[0].source)
 
 
-def run_fit(factors: dict, fit: FitSettings, progress: Progress | None) -> FitResult:
+def run_fit(factors: dict, fit: FitSettings, progress: Progress | None, **options) -> FitResult:
+    """:func:`~vbcompress.bank.fit.fit_bank`, deterministic on every device."""
     # CUDA's index_add/scatter kernels accumulate with atomics: only deterministic mode makes runs repeatable.
     with deterministic() if fit.device == "cuda" else contextlib.nullcontext():
-        return fit_bank(factors, fit, progress)
+        return fit_bank(factors, fit, progress, **options)
 
 
 def fit_stages(fit: FitResult) -> FitStages:

@@ -43,7 +43,8 @@ class Problem:
     U: torch.Tensor  # [S, L] sub-vectors: per module, A's then B's
     weight: torch.Tensor  # [S] σ of the sub-vector's rank direction
     spans: list[tuple[int, int, int]] = field(default_factory=list)  # (start, n_A, n_B) per module
-    total_sq: float = 0.0
+    total_sq: float = 0.0  # Σ_m c_m ‖ΔW_m‖²: the objective's reference
+    scales: list[float] = field(default_factory=list)  # c_m, each module's weight in the objective
 
     def factors(self, sub: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(B̂ [out, r], Â [r, in]) of every module from a ``[S, L]`` table of sub-vectors.
@@ -62,11 +63,15 @@ class Problem:
         return out
 
 
-def build_problem(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], length: int, rank: int, device) -> Problem:
-    """Balance every module's ``(B, A)`` (scale folded), keep ``rank`` directions (zero-padded), and tile."""
-    names, Bs, As, subs, weights, spans = [], [], [], [], [], []
+def build_problem(
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]], length: int, ranks: dict[str, int], device, scales: dict[str, float] | None = None
+) -> Problem:
+    """Balance every module's ``(B, A)`` (scale folded), keep ``ranks[name]`` directions (zero-padded), and
+    tile. ``scales[name]`` (default 1) weighs the module's error in the objective."""
+    names, Bs, As, subs, weights, spans, cs = [], [], [], [], [], [], []
     start, total = 0, 0.0
     for name, (B, A) in factors.items():
+        rank, c = ranks[name], (scales or {}).get(name, 1.0)
         b, a, s = balanced(B, A, rank)
         pad = rank - a.shape[0]
         if pad > 0:
@@ -80,11 +85,12 @@ def build_problem(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], length:
         Bs.append(b)
         As.append(a)
         subs += [sub_a, sub_b]
-        weights += [s.repeat_interleave(a.shape[1] // length), s.repeat(b.shape[0] // length)]
+        weights += [c * s.repeat_interleave(a.shape[1] // length), c * s.repeat(b.shape[0] // length)]
         spans.append((start, sub_a.shape[0], sub_b.shape[0]))
         start += sub_a.shape[0] + sub_b.shape[0]
-        total += float(s.double().square().sum())
-    return Problem(names, Bs, As, torch.cat(subs), torch.cat(weights), spans, total)
+        total += c * float(s.double().square().sum())
+        cs.append(c)
+    return Problem(names, Bs, As, torch.cat(subs), torch.cat(weights), spans, total, cs)
 
 
 def seed_bank(U: torch.Tensor, w: torch.Tensor, n: int, gen: torch.Generator, lloyd: int = 5) -> torch.Tensor:
@@ -265,10 +271,10 @@ class Mix(torch.autograd.Function):
 
 
 def exact_error(problem: Problem, sub: torch.Tensor) -> torch.Tensor:
-    """``Σ_m ‖B̂_m Â_m − B'_m A'_m‖²_F`` for a table of sub-vectors (differentiable)."""
+    """``Σ_m c_m ‖B̂_m Â_m − B'_m A'_m‖²_F`` for a table of sub-vectors (differentiable)."""
     total = sub.new_zeros(())
-    for (b, a), B, A in zip(problem.factors(sub), problem.B, problem.A):
-        total = total + gram_sq_error(b, a, B, A)
+    for (b, a), B, A, c in zip(problem.factors(sub), problem.B, problem.A, problem.scales):
+        total = total + c * gram_sq_error(b, a, B, A)
     return total
 
 
@@ -276,7 +282,7 @@ def exact_error(problem: Problem, sub: torch.Tensor) -> torch.Tensor:
 class FitResult:
     bank: torch.Tensor  # [N, L]
     codes: dict[str, VBCode]
-    rel_error: float  # ‖ΔW' − ΔW‖_F / ‖ΔW‖_F over all modules (at the kept rank)
+    rel_error: float  # √(Σ c_m ‖ΔW'_m − ΔW_m‖² / Σ c_m ‖ΔW_m‖²) over all modules (at the kept rank)
     history: list[tuple[str, float]]
 
 
@@ -284,18 +290,28 @@ def fit_bank(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     settings: FitSettings,
     progress: Callable[[str, int, int, float], None] | None = None,
+    *,
+    ranks: dict[str, int] | None = None,
+    scales: dict[str, float] | None = None,
+    bank: torch.Tensor | None = None,
 ) -> FitResult:
     """Fit one bank to all modules. ``factors``: name → ``(B [out, r], A [r, in])`` with the scale folded.
 
     ``settings.vector_length`` must be set and ``settings.device`` be ``cpu`` or ``cuda`` (the command
-    resolves ``None`` and ``auto``).
+    resolves ``None`` and ``auto``). ``ranks`` gives each module's kept rank (default: ``settings.rank`` or
+    the largest rank, zero-padded); ``scales`` weighs each module's squared error (a collection gives every
+    adapter the same total weight). With ``bank: [N, L]`` the bank is frozen and only codes are fitted:
+    one assignment, then refinement of the mixture weights (``add`` to a collection).
     """
     device = torch.device(settings.device)
     gen = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
-    L, n, k = settings.vector_length, settings.num_vectors, settings.topk
-    rank = settings.rank or max(A.shape[0] for _, A in factors.values())
-    prob = build_problem(factors, L, rank, device)
+    frozen = bank is not None
+    L, n, k = settings.vector_length, settings.num_vectors if bank is None else bank.shape[0], settings.topk
+    if ranks is None:
+        rank = settings.rank or max(A.shape[0] for _, A in factors.values())
+        ranks = dict.fromkeys(factors, rank)
+    prob = build_problem(factors, L, ranks, device, scales)
     U, w = prob.U, prob.weight
     history: list[tuple[str, float]] = []
 
@@ -311,69 +327,75 @@ def fit_bank(
         with torch.no_grad():
             return float(exact_error(prob, (wts[..., None] * bank[idx]).sum(1)))
 
-    if settings.init == "kmeans++":
-        bank = seed_bank(U, w, n, gen)
-    else:
-        # Max-residual seeding: a uniform bank at the sub-vectors' scale is almost entirely unused after
-        # the first assignment, so `reseed_dead` places the bank on the worst-fitted (σ-weighted)
-        # sub-vectors. Measured better than k-means++ on every adapter tried (README).
-        bound = float(U.abs().max())
-        bank = (torch.rand(n, L, generator=gen) * 2 - 1).to(device) * bound
-    idx, wts = assign(U, bank, k, settings.candidates, settings.partners)
-    best = (exact(bank, idx, wts), bank.clone(), idx, wts)
-    note("seed", 0, settings.iters, best[0])
-    for it in range(settings.iters):
-        bank = solve_bank(U, w, idx, wts, bank)
-        reseed_dead(bank, U, w, idx, wts, gen)
+    if frozen:
+        bank = bank.float().to(device)
         idx, wts = assign(U, bank, k, settings.candidates, settings.partners)
-        err = exact(bank, idx, wts)
-        note("alternate", it + 1, settings.iters, err)
-        if err < best[0]:
-            best = (err, bank.clone(), idx, wts)
-    _, bank, idx, wts = best
+        note("assign", 0, 0, exact(bank, idx, wts))
+    else:
+        if settings.init == "kmeans++":
+            bank = seed_bank(U, w, n, gen)
+        else:
+            # Max-residual seeding: a uniform bank at the sub-vectors' scale is almost entirely unused after
+            # the first assignment, so `reseed_dead` places the bank on the worst-fitted (σ-weighted)
+            # sub-vectors. Measured better than k-means++ on every adapter tried (README).
+            bound = float(U.abs().max())
+            bank = (torch.rand(n, L, generator=gen) * 2 - 1).to(device) * bound
+        idx, wts = assign(U, bank, k, settings.candidates, settings.partners)
+        best = (exact(bank, idx, wts), bank.clone(), idx, wts)
+        note("seed", 0, settings.iters, best[0])
+        for it in range(settings.iters):
+            bank = solve_bank(U, w, idx, wts, bank)
+            reseed_dead(bank, U, w, idx, wts, gen)
+            idx, wts = assign(U, bank, k, settings.candidates, settings.partners)
+            err = exact(bank, idx, wts)
+            note("alternate", it + 1, settings.iters, err)
+            if err < best[0]:
+                best = (err, bank.clone(), idx, wts)
+        _, bank, idx, wts = best
 
-    bank, wts = refine(prob, bank, idx, wts, settings, note)
+    bank, wts = refine(prob, bank, idx, wts, settings, note, train_bank=not frozen)
     err = exact(bank, idx, wts)
     codes = {}
     for i, name in enumerate(prob.names):
         start, na, nb = prob.spans[i]
-        out_tiles = nb // rank
+        rank = prob.A[i].shape[0]
         sl_a, sl_b = slice(start, start + na), slice(start + na, start + na + nb)
         codes[name] = VBCode(
             indices_A=idx[sl_a].reshape(rank, -1, k).cpu(),
             weights_A=wts[sl_a].reshape(rank, -1, k).cpu(),
-            indices_B=idx[sl_b].reshape(out_tiles, rank, k).cpu(),
-            weights_B=wts[sl_b].reshape(out_tiles, rank, k).cpu(),
+            indices_B=idx[sl_b].reshape(nb // rank, rank, k).cpu(),
+            weights_B=wts[sl_b].reshape(nb // rank, rank, k).cpu(),
         )
     return FitResult(bank=bank.cpu(), codes=codes, rel_error=rel(err), history=history)
 
 
-def refine(prob: Problem, bank, idx, wts, settings: FitSettings, note) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam on bank and mixture logits (support fixed) against the exact summed ΔW error."""
-    if settings.refine_steps <= 0:
+def refine(prob: Problem, bank, idx, wts, settings: FitSettings, note, train_bank: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam on bank (unless frozen) and mixture logits (support fixed) against the exact summed ΔW error."""
+    steps = settings.refine_steps if train_bank else settings.code_refine_steps
+    if steps <= 0 or not (train_bank or settings.topk > 1):
         return bank, wts
-    bank_p = bank.clone().requires_grad_(True)
+    bank_p = bank.clone().requires_grad_(train_bank)
     logits = wts.clamp_min(1e-6).log().requires_grad_(settings.topk > 1)
     # Adam steps are absolute: scale the bank's by its magnitude; logits live on an O(1) scale.
-    groups = [{"params": [bank_p], "lr": settings.refine_lr * (bank.abs().mean().item() + 1e-12)}]
+    groups = [{"params": [bank_p], "lr": settings.refine_lr * (bank.abs().mean().item() + 1e-12)}] if train_bank else []
     if settings.topk > 1:
         groups.append({"params": [logits], "lr": settings.refine_lr * 10})
     opt = torch.optim.Adam(groups)
     best_err, best = None, (bank, wts)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.refine_steps)
-    for step in range(settings.refine_steps + 1):
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for step in range(steps + 1):
         sub = Mix.apply(bank_p, torch.softmax(logits, -1), idx)
         loss = exact_error(prob, sub)
         err = loss.item()
         if best_err is None or err < best_err:
             best_err, best = err, (bank_p.detach().clone(), torch.softmax(logits, -1).detach().clone())
-        if step == settings.refine_steps:
+        if step == steps:
             break
         opt.zero_grad()
         (loss / prob.total_sq).backward()
         opt.step()
         sched.step()
         if step % 25 == 0:
-            note("refine", step, settings.refine_steps, err)
-    note("refine", settings.refine_steps, settings.refine_steps, best_err)
+            note("refine", step, steps, err)
+    note("refine", steps, steps, best_err)
     return best

@@ -52,7 +52,8 @@ def _peft_config(path: Path, weights: Path, peft_type: str) -> dict:
     return config
 
 
-def _weights_in(path: Path) -> Path:
+def weights_in(path: Path) -> Path:
+    """The weights file of an adapter directory."""
     for name in WEIGHT_FILES:
         if (path / name).is_file():
             return path / name
@@ -77,7 +78,7 @@ def load_adapter(path: str | os.PathLike, format: str | None = None, allow_nonfi
         raise FormatError(path, "no such file or directory")
     if format is not None and format not in FORMATS:
         raise SettingError("format", f"{{setting}} {format!r} is not one of {', '.join(FORMATS)}", where=path)
-    weights = _weights_in(path) if path.is_dir() else path
+    weights = weights_in(path) if path.is_dir() else path
     tensors, metadata = read_tensors(weights)
     fmt = format or detect_format(tensors, weights)
     if not allow_nonfinite:

@@ -4,6 +4,8 @@ For each adapter and bank setting, the bank's size is the byte budget; the basel
 SVD truncation to one global rank at fp16, and the same truncation with per-group (64) absmax int8 / int4
 quantization of the balanced factors (fp16 scale per group). All run in this process on the same input.
 Usage: python benchmarks/fidelity.py [ADAPTER ...] [--shared ../shared] [--fast]
+       [--num-vectors N ...] [--full-rank-only] [--init residual|kmeans++] [--partners P (0: whole bank)]
+The README's seeding and partner-search comparisons are runs of this script with --init / --partners.
 """
 
 from __future__ import annotations
@@ -26,10 +28,15 @@ def main() -> None:
     ap.add_argument("adapters", nargs="*")
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
     ap.add_argument("--fast", action="store_true", help="fewer fit iterations (for a quick look)")
+    ap.add_argument("--num-vectors", type=int, nargs="*", default=[256, 1024], help="bank sizes N to run")
+    ap.add_argument("--full-rank-only", action="store_true", help="skip the half-rank row")
+    ap.add_argument("--init", default=FitSettings.init, choices=["residual", "kmeans++"], help="bank seeding")
+    ap.add_argument("--partners", type=int, default=FitSettings.partners, help="second-vector search width (0: whole bank)")
     args = ap.parse_args()
     corpus = Path(args.shared) / "adapters"
     names = args.adapters or sorted(p.name for p in corpus.iterdir() if p.is_dir())
     fit = dict(iters=5, refine_steps=50) if args.fast else {}
+    fit.update(init=args.init, partners=args.partners or None)
     print("| adapter | N | L | k | R | bytes ratio | vbcompress | SVD fp16 (rank) | int8 (rank) | int4 (rank) | best at this size | fit time |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
@@ -40,7 +47,8 @@ def main() -> None:
             print(f"| {name} | skipped: {e.problem} |||||||||||", flush=True)
             continue
         r = max(adapter.ranks)
-        for n, k, rank in ((256, 2, None), (1024, 2, None), (256, 2, max(1, r // 2))):
+        runs = [(n, 2, None) for n in args.num_vectors] + ([] if args.full_rank_only else [(args.num_vectors[0], 2, max(1, r // 2))])
+        for n, k, rank in runs:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
                 rep = lora2vb(corpus / name, Path(tmp) / "vb", FitSettings(num_vectors=n, topk=k, rank=rank, **fit))

@@ -2,7 +2,7 @@
 
 Calibration uses examples/text/calibration.txt; retention is measured on examples/text/heldout.txt
 (sentences from other modules, never calibrated on). All runs in this process on the same inputs.
-Usage: python benchmarks/retention.py [--shared ../shared] [--steps 400]
+Usage: python benchmarks/retention.py [--shared ../shared] [--steps 400] [--lr 1e-2]
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=CalibrationSettings.lr, help="calibration learning rate (README's sweep: 3e-3, 1e-2, 3e-2)")
     args = ap.parse_args()
     adapter_dir = Path(args.shared) / "adapters" / "minilm-l6-bias-st"
     base_dir = Path(args.shared) / "bases" / "all-MiniLM-L6-v2"
@@ -95,7 +96,7 @@ def main() -> None:
         for n, length, dtype, rank, weights_only in CONFIGS:
             for calibrated in (False, True) if weights_only else (True,):
                 out = Path(tmp) / f"{n}-{length}-{dtype}-r{rank}-{calibrated}"
-                extra = {"base": base_dir, "texts": calibration, "calibration": CalibrationSettings(steps=args.steps, samples=args.samples)} if calibrated else {}
+                extra = {"base": base_dir, "texts": calibration, "calibration": CalibrationSettings(steps=args.steps, samples=args.samples, lr=args.lr)} if calibrated else {}
                 rep = lora2vb(adapter_dir, out, FitSettings(num_vectors=n, vector_length=length, rank=rank), output=OutputSettings(bank_dtype=dtype), **extra)
                 label = f"bank N={n} L={length} {dtype}" + (f" r={rank}" if rank else "") + (" + calibration" if calibrated else " (weights only)")
                 print(f"| {label} | {rep.bytes.ratio:.1%} | {rep.total_rel_error:.3f} | {score(deltas_of(load_adapter(out))):.3f} |", flush=True)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from vbcompress import CalibrationSettings, FitSettings, load_adapter
+from vbcompress import CalibrationSettings, FitSettings, load_adapter, write_peft_lora
 from vbcompress.bank import fit
 from vbcompress.basemodel import read_texts
 from vbcompress.compress import lora2vb
@@ -62,9 +62,41 @@ def test_eval_of_an_adapter_against_itself_retains_everything(heldout):
     assert f.effect_retention == pytest.approx(1.0) and f.mean_cosine == pytest.approx(1.0)
 
 
-def test_data_free_calibration_runs_and_says_so(tmp_path):
-    report = lora2vb(MINILM_ADAPTER, tmp_path / "o", FitSettings(**SMALL), calibration=CalibrationSettings(steps=5, samples=16), base=MINILM_BASE)
-    assert report.calibration.data == "data-free: random vocabulary"
+def test_eval_retention_matches_a_hand_computation_with_transformers(tmp_path, heldout, minilm):
+    """Retention of a half-strength and of an empty adapter, against the formula computed directly on
+    transformers' outputs (mean over real tokens), sharing no code with the harness."""
+    adapter = load_adapter(MINILM_ADAPTER)
+    half, empty = load_adapter(MINILM_ADAPTER), load_adapter(MINILM_ADAPTER)
+    for m in half.modules.values():
+        m.B = m.B / 2
+    for m in empty.modules.values():
+        m.B = torch.zeros_like(m.B)
+    write_peft_lora(half, tmp_path / "half")
+    write_peft_lora(empty, tmp_path / "empty")
+    tok, fresh, _ = minilm
+    texts = read_texts(heldout)
+    batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
+
+    def pooled(a):
+        out = outputs_with_delta(fresh, batch, a) if a is not None else fresh()(**batch).last_hidden_state.detach()
+        mask = batch["attention_mask"][..., None].float()
+        return (out * mask).sum(1) / mask.sum(1)
+
+    base, ref = pooled(None), pooled(adapter)
+    expected = float(1 - (pooled(half) - ref).norm() / (ref - base).norm())
+    got = evaluate(MINILM_ADAPTER, tmp_path / "half", base=MINILM_BASE, data=heldout).function.effect_retention
+    assert got == pytest.approx(expected, abs=1e-4) and 0.2 < got < 0.8
+    assert evaluate(MINILM_ADAPTER, tmp_path / "empty", base=MINILM_BASE, data=heldout).function.effect_retention == pytest.approx(0.0, abs=1e-5)
+
+
+def test_data_free_calibration_keeps_more_of_the_effect_on_real_text(tmp_path, heldout):
+    report = lora2vb(MINILM_ADAPTER, tmp_path / "o", FitSettings(**SMALL), calibration=CalibrationSettings(steps=40, samples=64), base=MINILM_BASE)
+    assert report.calibration.data == "data-free: random vocabulary" and report.calibration.calibration_file is None
+    lora2vb(MINILM_ADAPTER, tmp_path / "w", FitSettings(**SMALL))
+    # trained on random tokens, measured on held-out English sentences it never saw
+    weight_only = evaluate(MINILM_ADAPTER, tmp_path / "w", base=MINILM_BASE, data=heldout).function.effect_retention
+    data_free = evaluate(MINILM_ADAPTER, tmp_path / "o", base=MINILM_BASE, data=heldout).function.effect_retention
+    assert data_free > weight_only + 0.05
 
 
 def test_bad_base_is_refused_before_any_training(tmp_path, monkeypatch):

@@ -86,3 +86,13 @@ def test_legacy_processor_reader_reads_what_diffusers_converts_to(kohya_file, tm
     assert set(ours.modules) == set(source.modules)
     for name, m in ours.modules.items():  # legacy files carry no alpha: scale 1
         torch.testing.assert_close(m.delta_weight(), source.modules[name].B @ source.modules[name].A, rtol=1e-5, atol=1e-7)
+
+
+def test_legacy_to_out_processor_adapts_the_first_output_projection(tmp_path):
+    """diffusers' attention processors name the output LoRA `to_out_lora`; the layer it adapts is `to_out.0`."""
+    down, up = torch.randn(4, 320), torch.randn(320, 4)
+    block = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    save_file({f"{block}.processor.to_out_lora.down.weight": down, f"{block}.processor.to_out_lora.up.weight": up}, tmp_path / "l.safetensors")
+    ours = load_adapter(tmp_path / "l.safetensors")
+    assert list(ours.modules) == [f"{block}.to_out.0"]
+    torch.testing.assert_close(ours.modules[f"{block}.to_out.0"].delta_weight(), up @ down)

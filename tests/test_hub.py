@@ -16,7 +16,10 @@ import pytest
 import torch
 import yaml
 
-from vbcompress import inspect_adapter, load_adapter
+from safetensors import safe_open
+
+from vbcompress import inspect_adapter, load_adapter, to_lora
+from vbcompress.metrics import delta_errors
 from vbcompress.errors import HubError
 from vbcompress.hub import HubRef, parse_ref, select_files
 
@@ -125,6 +128,10 @@ def test_hub_ids_work_wherever_a_path_does(cli, tmp_path):
 
     dense = cli("vb2lora", "alice/minilm-lora", "-o", tmp_path / "dense", "--rank", "4")
     assert dense.returncode == 0, dense.stderr
+    # the Hub copy is the local adapter: its rank-4 truncation is exactly the local one's
+    local = to_lora(MINILM_ADAPTER, tmp_path / "dense-local", 4)
+    assert delta_errors(load_adapter(tmp_path / "dense-local"), load_adapter(tmp_path / "dense")).total_rel_error < 1e-6
+    assert json.loads((tmp_path / "dense" / "vbcompress.json").read_text())["rel_error"] == pytest.approx(local.rel_error)
 
     data = tmp_path / "sentences.txt"
     data.write_text("A cat sat on the mat.\nThe stock market fell sharply today.\n")
@@ -135,7 +142,10 @@ def test_hub_ids_work_wherever_a_path_does(cli, tmp_path):
 
     merged = cli("merge", "--base", "sentence-transformers/all-MiniLM-L6-v2", "--adapter", "alice/minilm-lora", "-o", tmp_path / "merged")
     assert merged.returncode == 0, merged.stderr
-    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    name = "encoder.layer.0.attention.self.query"
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f, safe_open(str(MINILM_BASE / "model.safetensors"), "pt") as g:
+        expected = g.get_tensor(f"{name}.weight") + load_adapter(MINILM_ADAPTER).modules[name].delta_weight()
+        torch.testing.assert_close(f.get_tensor(f"{name}.weight"), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_local_path_wins_over_a_hub_id(cli, hub, tmp_path):
@@ -153,6 +163,10 @@ def test_offline_mode_uses_the_cache_and_says_when_it_cannot(cli, hub, tmp_path)
     offline = cli("hub", "alice/minilm-lora", "-o", tmp_path / "out", *FAST, HF_HUB_OFFLINE="1")
     assert offline.returncode == 0, offline.stderr
     assert hub.requests == []
+    local = cli("lora2vb", MINILM_ADAPTER, "-o", tmp_path / "local", *FAST)  # the same fit from the local copy
+    assert local.returncode == 0, local.stderr
+    same = "adapter_model.safetensors"
+    assert (tmp_path / "out" / same).read_bytes() == (tmp_path / "local" / same).read_bytes()
     missing = cli("hub", "alice/collection/minilm", "-o", tmp_path / "out2", *FAST, HF_HUB_OFFLINE="1")
     one_line_error(missing, "alice/collection/minilm", "not in the local cache", "HF_HUB_OFFLINE")
     assert not (tmp_path / "out2").exists()
@@ -175,8 +189,12 @@ def test_hub_errors_are_one_line_and_write_nothing(cli, tmp_path, ref, env, frag
 
 
 def test_private_and_gated_repos_work_with_a_token(cli, tmp_path):
-    assert cli("inspect", "alice/private-lora", HF_TOKEN=TOKEN).returncode == 0
-    assert cli("hub", "alice/gated-lora", "-o", tmp_path / "out", *FAST, "--token", TOKEN).returncode == 0
+    private = cli("inspect", "alice/private-lora", "--json", HF_TOKEN=TOKEN)
+    assert private.returncode == 0, private.stderr
+    assert json.loads(private.stdout)["lora_params"] == inspect_adapter(MINILM_ADAPTER).lora_params
+    gated = cli("hub", "alice/gated-lora", "-o", tmp_path / "out", *FAST, "--token", TOKEN)
+    assert gated.returncode == 0, gated.stderr
+    assert json.loads((tmp_path / "out" / "vbcompress.json").read_text())["hub_source"]["repo"] == "alice/gated-lora"
 
 
 def test_unreachable_hub_and_nothing_cached(cli, tmp_path):

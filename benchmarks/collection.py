@@ -82,7 +82,7 @@ def family_rows(shared: Path, family: str, names: list[str], tmp: Path) -> None:
     if len(paths) > 1:
         pack(paths[:-1], tmp / f"pack-{family}-minus", fit)
         start = time.perf_counter()
-        (added,) = add(tmp / f"pack-{family}-minus", [paths[-1]])
+        (added,) = add(tmp / f"pack-{family}-minus", [paths[-1]]).added
         add_time = time.perf_counter() - start
         recomputed = delta_errors(sources[-1], Collection(tmp / f"pack-{family}-minus").adapter(added.name)).total_rel_error
         assert abs(recomputed - added.rel_error) < 1e-4, (recomputed, added.rel_error)

@@ -96,7 +96,7 @@ def test_two_adapters_in_one_peft_model_switch_and_share_one_bank(packed, minilm
 def test_add_fits_codes_only_and_changes_no_existing_file(packed, family, tmp_path):
     root = fresh_copy(packed, tmp_path)
     before = digest(root)
-    (entry,) = add(root, [family["cousin"]], fit=FAST)
+    (entry,) = add(root, [family["cousin"]], fit=FAST).added
     after = digest(root)
     assert {k: v for k, v in after.items() if k in before and k != "collection.json"} == {k: v for k, v in before.items() if k != "collection.json"}
     assert entry.name == "cousin" and entry.rank == 4 and entry.added_by == "add"
@@ -239,8 +239,11 @@ def test_cli_pack_add_inspect_unpack_remove(tmp_path, family):
     run("remove", root, "cousin")
     result = CliRunner().invoke(main, ["unpack", str(root), "cousin", "-o", str(tmp_path / "v")])
     assert result.exit_code == 2 and "no adapter 'cousin'" in result.stderr and not (tmp_path / "v").exists()
-    clash = CliRunner().invoke(main, ["add", str(root), str(family["sibling"])])
+    again = CliRunner().invoke(main, ["add", str(root), str(family["sibling"])])  # the same source: already in
+    assert again.exit_code == 0 and "skipped 1" in again.stdout
+    clash = CliRunner().invoke(main, ["add", str(root), str(family["cousin"]), "--name", "sibling"])
     assert clash.exit_code == 2 and clash.stderr.count("\n") == 1 and "already has an adapter named 'sibling'" in clash.stderr
+    assert "--name" in clash.stderr
     mixed = CliRunner().invoke(main, ["add", str(root), str(ADAPTERS / "gpt2-tigrinya-causal")])
     assert mixed.exit_code == 2 and "--allow-mixed-bases" in mixed.stderr
 

@@ -23,7 +23,7 @@ from vbcompress.metrics import delta_errors
 from vbcompress.errors import HubError
 from vbcompress.hub import HubRef, parse_ref, select_files
 
-from .conftest import MINILM_ADAPTER, MINILM_BASE, outputs_with_delta
+from .conftest import ADAPTERS, MINILM_ADAPTER, MINILM_BASE, outputs_with_delta
 from .hubserver import FakeHub, Repo
 
 TOKEN = "hf_test_token"
@@ -248,3 +248,24 @@ def test_file_selection_mirrors_local_folders():
     assert files == ["config.json", "model.safetensors", "vocab.txt"]
     with pytest.raises(HubError, match="no .safetensors weights"):
         select_files(ref, ["config.json", "pytorch_model.bin"], "base")
+
+
+def test_batch_add_with_a_hub_id_a_missing_path_and_a_nan_adapter(cli, tmp_path):
+    from vbcompress import FitSettings
+    from vbcompress.collection import Collection, pack
+
+    pack([MINILM_ADAPTER], tmp_path / "coll", FitSettings(num_vectors=32, vector_length=128, iters=2, refine_steps=5))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"alice/minilm-lora\n{tmp_path / 'gone'}\n{ADAPTERS / 'gemma-2b-sql-qv-fp16'}\nalice/nobody\n")
+    result = cli("add", tmp_path / "coll", "--from-list", listing, "--name", "from-hub", "--name", "a", "--name", "b", "--name", "c",
+                 "--code-refine-steps", "5", "--json")  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    report = json.loads(result.stdout)
+    assert [e["name"] for e in report["added"]] == ["from-hub"]
+    assert report["added"][0]["hub_source"]["repo"] == "alice/minilm-lora"
+    reasons = {f["source"]: f["error"] for f in report["failed"]}
+    assert "no such file or directory" in reasons[str(tmp_path / "gone")]
+    assert "NaN/Inf" in reasons[str(ADAPTERS / "gemma-2b-sql-qv-fp16")]
+    assert "no such repository on the Hub" in reasons["alice/nobody"]
+    assert Collection(tmp_path / "coll").names == ["minilm-l6-bias-st", "from-hub"]
+    assert json.loads((tmp_path / "coll" / "failures.json").read_text()).keys() == reasons.keys()

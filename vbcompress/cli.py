@@ -423,36 +423,90 @@ def pack(sources, out, names, allow_mixed_bases, overwrite, fmt, token, as_json,
     print_collection(out, False)
 
 
+def read_list(path: str) -> list[str]:
+    """Sources from a file: one path or Hub id per line; blank lines and # comments are skipped."""
+    from .errors import FormatError
+
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FormatError(path, f"cannot read the source list ({e.__class__.__name__})") from None
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def batch_bar(total: int):
+    """One stderr bar for a batch: done / failed / skipped and adapters per minute; failures as lines."""
+    import os
+    import time
+
+    from tqdm import tqdm
+
+    off = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"))
+    bar = tqdm(total=total, desc="add", unit="adapter", file=sys.stderr, disable=off)
+    start = time.monotonic()
+
+    def update(outcome, report) -> None:
+        if outcome.status == "failed":
+            tqdm.write(f"error: {outcome.error.render(flag_of)}", file=sys.stderr)
+        bar.update(1)
+        rate = 60 * bar.n / max(time.monotonic() - start, 1e-9)
+        bar.set_postfix_str(f"added {len(report.added)}, skipped {len(report.skipped)}, failed {len(report.failed)}, {rate:.1f}/min")
+
+    update.close = bar.close
+    return update
+
+
 @main.command()
 @click.argument("collection")
-@click.argument("sources", nargs=-1, required=True)
+@click.argument("sources", nargs=-1)
+@click.option("--from-list", "from_list", default=None, help="A file with one source (path or Hub id) per line, added after SOURCES.")
 @click.option("--name", "names", multiple=True, help="Name of each source in order (repeat) [default: folder/file stem or Hub repo name].")
 @options_for(FitSettings, skip=("num_vectors", "vector_length", "topk", "rank", "iters", "refine_steps"))
+@click.option("--workers", default=1, show_default=True, type=int, help="Encode in a local pool of this many processes (this process writes).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              help="Encode as Ray tasks: --ray for a local Ray, --ray ADDRESS for a cluster (pip install 'vbcompress[ray]').")
 @click.option("--base", default=None, help="Base model directory or Hub id: calibrate each new adapter's logits on its function (the bank stays frozen).")
 @click.option("--calibration", "texts", default=None, help="Calibration text: one sample per line, or JSONL with 'text' [default: data-free].")
 @options_for(CalibrationSettings, prefix="calib-")
 @click.option("--allow-mixed-bases", is_flag=True, help="Add adapters whose configs name another base model.")
 @format_option
 @token_option
-@click.option("--json", "as_json", is_flag=True, help="Print the added entries as JSON.")
-def add(collection, sources, names, base, texts, allow_mixed_bases, fmt, token, as_json, **options):
-    """Encode each adapter in SOURCES against the frozen bank of COLLECTION and add it (codes only)."""
-    from dataclasses import asdict
+@click.option("--json", "as_json", is_flag=True, help="Print what was added, skipped and failed as JSON.")
+def add(collection, sources, from_list, names, workers, ray_address, base, texts, allow_mixed_bases, fmt, token, as_json, **options):
+    """Encode each adapter in SOURCES against the frozen bank of COLLECTION and add it (codes only).
 
+    Each source lands or fails on its own: a failure (not found, gated, NaN, does not fit the bank) is
+    printed, recorded in COLLECTION/failures.json, and the batch goes on; the exit code is 2 if any failed.
+    Re-running the same command skips what is already in (same source, same weights hash) and retries the
+    failures, so a killed batch resumes where it stopped.
+    """
     from .collection import add as run
 
+    sources = list(sources) + (read_list(from_list) if from_list else [])
+    if not sources:
+        raise click.UsageError("name at least one source, or --from-list FILE")
     fit, calibration = settings_from(FitSettings, options), settings_from(CalibrationSettings, options, prefix="calib-")
-    bar = None if as_json else progress_bar()
+    single = len(sources) == 1
+    bar = None if as_json else (progress_bar() if single else batch_bar(len(sources)))
     try:
-        entries = run(collection, list(sources), names=list(names) or None, fit=fit, base=base, calibration=calibration, texts=texts,
-                      allow_mixed_bases=allow_mixed_bases, format=fmt, token=token, progress=bar)  # fmt: skip
+        report = run(collection, sources, names=list(names) or None, fit=fit, base=base, calibration=calibration, texts=texts,
+                     allow_mixed_bases=allow_mixed_bases, format=fmt, token=token, keep_going=True, workers=workers,
+                     ray_address=ray_address, progress=bar if single else None, on_outcome=None if single or not bar else bar)  # fmt: skip
     finally:
         if bar:
             bar.close()
     if as_json:
-        emit_json({"added": [asdict(e) for e in entries]})
+        emit_json(report.to_json())
     else:
-        print_entries(entries, "added")
+        print_entries(report.added, "added")
+        if report.skipped:
+            click.echo(f"skipped {len(report.skipped)} source(s) already in the collection")
+        if single and report.failed:
+            click.echo(f"error: {report.failed[0].outcome.error.render(flag_of)}", err=True)
+        elif report.failed:
+            click.echo(f"{len(report.failed)} source(s) failed (listed in {collection}/failures.json); re-run the same command to retry them")
+    if report.failed:
+        sys.exit(2)
 
 
 @main.command()

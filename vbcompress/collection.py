@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from .adapter import Adapter, LoraModule, VBCode, VectorBank
 from .bank.calibrate import calibrate
 from .basemodel import Base
 from .compress import Progress, calibration_texts, fit_settings_for, measure, run_fit
-from .errors import FormatError, OutputError, SettingError, ShapeError, listed
+from .errors import FormatError, OutputError, SettingError, ShapeError, VBCompressError, listed
 from .files import atomic_output_dir, read_json, save_tensors, write_json
 from .formats import load_adapter, weights_in, write_vblora
 from .formats.peft_lora import target_modules_for
@@ -406,63 +406,63 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
         raise
 
 
-def write_adapter_files(folder: Path, source: Source, codes: dict[str, VBCode], num_vectors: int, topk: int, module_errors: dict) -> int:
-    """Write one adapter's codes and table into ``folder``; returns the codes' bytes (indices + weights)."""
-    adapter = source.adapter
-    parts_idx, parts_w, table = [], [], []
+@dataclass
+class Encoded:
+    """One adapter encoded against a bank, as plain tensors and JSON: what a worker hands the driver to write."""
+
+    entry: Entry
+    tensors: dict[str, torch.Tensor]  # "indices", "weights" and the carried heads
+    table: dict  # adapter.json
+
+
+def encode_stored(source: Source, bank: torch.Tensor, codes: dict[str, VBCode], topk: int, added_by: str, calibrated: bool = False) -> Encoded:
+    """Lay ``codes`` out as a collection stores them and measure the ΔW error of exactly that."""
+    adapter, vb = source.adapter, VectorBank(bank=bank, topk=topk)
+    parts_idx, parts_w, table, modules = [], [], [], {}
     for mname, m in adapter.modules.items():
         ia, wa, ib, wb = stored_code(codes[mname])
         parts_idx += [ia.reshape(-1, topk), ib.reshape(-1, topk)]
         parts_w += [wa.reshape(-1, topk - 1), wb.reshape(-1, topk - 1)]
         table.append([mname, m.in_features, m.out_features])
-    indices = torch.cat(parts_idx).to(index_dtype(num_vectors))
-    weights = torch.cat(parts_w) if topk > 1 else torch.zeros(indices.shape[0], 0, dtype=torch.float16)
-    folder.mkdir(parents=True)
-    save_tensors({"indices": indices, "weights": weights, **adapter.carried}, folder / CODES_FILE)
-    rank = next(iter(codes.values())).indices_A.shape[0]
-    vb_view = Adapter(modules={}, source_format=adapter.source_format, target_modules=adapter.target_modules,
-                      config={"fan_in_fan_out": adapter.fan_in_fan_out()}, source=adapter.source)  # fmt: skip
-    write_json(folder / ADAPTER_FILE, {
-        "name": source.name, "rank": rank, "fan_in_fan_out": adapter.fan_in_fan_out(), "modules": table,
-        "base_model": adapter.base_model, "task_type": adapter.task_type, "modules_to_save": adapter.modules_to_save,
-        "target_modules": target_modules_for(vb_view, list(adapter.modules)), "module_errors": module_errors,
-    })  # fmt: skip
-    return indices.numel() * indices.element_size() + weights.numel() * weights.element_size()
-
-
-def stored_adapter(source: Source, bank: torch.Tensor, codes: dict[str, VBCode], topk: int) -> Adapter:
-    """What the collection will hold for ``source``, decoded from its codes as stored, for measuring."""
-    vb = VectorBank(bank=bank, topk=topk)
-    modules = {}
-    for mname, m in source.adapter.modules.items():
-        ia, wa, ib, wb = stored_code(codes[mname])
         vb.codes[mname] = VBCode(ia, restored_weights(wa.float()), ib, restored_weights(wb.float()))
         a, b = vb.decode(mname)
         modules[mname] = LoraModule(name=mname, A=a, B=b, fan_in_fan_out=m.fan_in_fan_out)
-    return Adapter(modules=modules, source=source.given, vector_bank=vb)
+    total, errors, _ = measure(adapter, Adapter(modules=modules, source=source.given, vector_bank=vb))
+    indices = torch.cat(parts_idx).to(index_dtype(bank.shape[0]))
+    weights = torch.cat(parts_w) if topk > 1 else torch.zeros(indices.shape[0], 0, dtype=torch.float16)
+    rank = next(iter(codes.values())).indices_A.shape[0]
+    vb_view = Adapter(modules={}, source_format=adapter.source_format, target_modules=adapter.target_modules,
+                      config={"fan_in_fan_out": adapter.fan_in_fan_out()}, source=adapter.source)  # fmt: skip
+    entry = Entry(
+        name=source.name, source=source.given, source_sha256=source.sha256, source_format=adapter.source_format,
+        base_model=adapter.base_model, rank=rank, modules=len(codes), rel_error=total,
+        codes_bytes=indices.numel() * indices.element_size() + weights.numel() * weights.element_size(),
+        carried_bytes=adapter.carried_bytes(), source_fp16_bytes=adapter.fp16_bytes(), added_by=added_by,
+        calibrated=calibrated, hub_source=source.hub_source,
+    )  # fmt: skip
+    meta = {
+        "name": source.name, "rank": rank, "fan_in_fan_out": adapter.fan_in_fan_out(), "modules": table,
+        "base_model": adapter.base_model, "task_type": adapter.task_type, "modules_to_save": adapter.modules_to_save,
+        "target_modules": target_modules_for(vb_view, list(adapter.modules)), "module_errors": {n: asdict(e) for n, e in errors.items()},
+    }  # fmt: skip
+    return Encoded(entry=entry, tensors={"indices": indices, "weights": weights, **adapter.carried}, table=meta)
 
 
-def commit_adapter(root: Path, source: Source, bank: torch.Tensor, codes: dict[str, VBCode], manifest: Manifest,
-                   added_by: str, calibrated: bool = False) -> Entry:  # fmt: skip
-    """Measure, write and register one adapter: its folder first (renamed into place), then the manifest."""
-    topk = int(manifest.settings["topk"])
-    total, modules, _ = measure(source.adapter, stored_adapter(source, bank, codes, topk))
+def write_encoded(root: Path, enc: Encoded, manifest: Manifest) -> Entry:
+    """Write one adapter's folder (staged, then renamed into place) and register it in ``manifest``; the
+    caller replaces the manifest file afterwards."""
+    name = enc.entry.name
     staging = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "adapter-", dir=root))
     try:
-        codes_bytes = write_adapter_files(staging / source.name, source, codes, bank.shape[0], topk,
-                                          {n: asdict(e) for n, e in modules.items()})  # fmt: skip
+        (staging / name).mkdir()
+        save_tensors(enc.tensors, staging / name / CODES_FILE)
+        write_json(staging / name / ADAPTER_FILE, enc.table)
         (root / ADAPTERS).mkdir(exist_ok=True)
-        os.replace(staging / source.name, root / ADAPTERS / source.name)
+        os.replace(staging / name, root / ADAPTERS / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    entry = Entry(
-        name=source.name, source=source.given, source_sha256=source.sha256, source_format=source.adapter.source_format,
-        base_model=source.adapter.base_model, rank=next(iter(codes.values())).indices_A.shape[0], modules=len(codes),
-        rel_error=total, codes_bytes=codes_bytes, carried_bytes=source.adapter.carried_bytes(),
-        source_fp16_bytes=source.adapter.fp16_bytes(), added_by=added_by, calibrated=calibrated, hub_source=source.hub_source,
-    )  # fmt: skip
-    manifest.adapters[source.name] = entry
-    return entry
+    manifest.adapters[name] = enc.entry
+    return enc.entry
 
 
 def pack(
@@ -513,9 +513,157 @@ def pack(
         manifest = Manifest(settings=settings, bank_sha256=sha256_of(tmp / BANK_FILE), base_model=base_model)
         for i, s in enumerate(loaded):
             codes = {mname: result.codes[f"{i}:{mname}"] for mname in s.adapter.modules}
-            commit_adapter(tmp, s, bank.float(), codes, manifest, "pack")
+            write_encoded(tmp, encode_stored(s, bank.float(), codes, fit.topk, "pack"), manifest)
         write_manifest(tmp, manifest)
     return Collection(out)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One source of a batch ``add``, and what encoding it needs besides the bank (picklable for workers)."""
+
+    given: str
+    name: str | None
+    fit: FitSettings  # the bank's settings with the encoding knobs applied; rank = the collection's cap
+    base_model: str | None
+    known_sha256: str | None  # the weights hash of the entry already added from this same source, if any
+    taken: frozenset[str]  # names already in the collection
+    allow_mixed_bases: bool = False
+    format: str | None = None
+    token: str | None = None
+
+
+@dataclass
+class Outcome:
+    """What became of one source: ``added`` (with its encoding), ``skipped`` (already in), or ``failed``."""
+
+    given: str
+    status: str
+    name: str | None = None
+    encoded: Encoded | None = None
+    where: str | None = None  # the failure, as a VBCompressError's parts (exceptions do not pickle well)
+    problem: str | None = None
+    setting: str | None = None
+    kind: str = "VBCompressError"
+
+    @property
+    def error(self) -> VBCompressError | None:
+        if self.status != "failed":
+            return None
+        from . import errors
+
+        error = VBCompressError.__new__(getattr(errors, self.kind, VBCompressError))
+        VBCompressError.__init__(error, self.where, self.problem, self.setting)
+        return error
+
+
+@dataclass
+class Failure:
+    """A source that did not land, and why (``error``: one line, in library terms)."""
+
+    source: str
+    name: str | None
+    error: str
+    outcome: Outcome | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class AddReport:
+    """What a batch ``add`` did: entries added, sources skipped as already present, sources that failed."""
+
+    added: list[Entry] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        failed = [{"source": f.source, "name": f.name, "error": f.error} for f in self.failed]
+        return {"added": [asdict(e) for e in self.added], "skipped": self.skipped, "failed": failed}
+
+
+def encode(job: Job, bank: torch.Tensor, progress: Progress | None = None, calibrate_with: tuple | None = None) -> Outcome:
+    """Fetch, read, check and encode one source against ``bank`` (no writes): runs in the driver, a
+    worker process or a Ray task alike, and gives the same bytes for the same seed wherever it runs."""
+    try:
+        s = load_source(job.given, job.name, job.token, job.format)
+        if job.known_sha256 == s.sha256:
+            return Outcome(job.given, "skipped", name=s.name)
+        if s.name in job.taken:
+            hint = (" (its weights changed since it was added; remove it first, or add it under another {setting})"
+                    if job.known_sha256 else " (choose another {setting})")
+            raise SettingError("name", f"the collection already has an adapter named {s.name!r}{hint}", where=job.given)
+        check_sources_fit([s], job.base_model, {}, job.allow_mixed_bases)
+        run = fit_settings_for([s.adapter], replace(job.fit, rank=min(job.fit.rank or s.rank_cap, s.rank_cap)))
+        factors = {m: mod.folded() for m, mod in s.adapter.modules.items()}
+        codes = run_fit(factors, run, progress, bank=bank).codes
+        if calibrate_with is not None:
+            model, texts, settings = calibrate_with
+            model.check(s.adapter)
+            inputs, _ = calibration_texts(model, texts, settings, run.seed)
+            vb, _ = calibrate(s.adapter, VectorBank(bank=bank, topk=run.topk, codes=codes), model, inputs, settings,
+                              seed=run.seed, progress=progress, freeze_bank=True)  # fmt: skip
+            codes = vb.codes
+        return Outcome(job.given, "added", name=s.name, encoded=encode_stored(s, bank, codes, run.topk, "add", calibrate_with is not None))
+    except VBCompressError as e:
+        return Outcome(job.given, "failed", name=job.name, where=e.where, problem=e.problem, setting=e.setting, kind=type(e).__name__)
+
+
+_WORKER_BANK: torch.Tensor | None = None
+
+
+def _worker_init(collection: str, threads: int) -> None:
+    global _WORKER_BANK
+    torch.set_num_threads(threads)
+    _WORKER_BANK = Collection(collection).bank.float()
+
+
+def _worker_encode(job: Job) -> Outcome:
+    return encode(job, _WORKER_BANK)
+
+
+def _run_ray(jobs: list[Job], bank: torch.Tensor, address: str) -> Iterator[Outcome]:
+    try:
+        import ray
+    except ImportError:
+        raise SettingError("ray_address", "Ray is not installed: pip install 'vbcompress[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=None if address == "local" else address, log_to_driver=False)
+    bank_ref = ray.put(bank)  # in the object store once; every task reads the same copy
+    task = ray.remote(num_cpus=1)(encode)
+    window = max(2, int(ray.available_resources().get("CPU", 1)) * 2)
+    todo, pending = list(jobs), []
+    while todo or pending:
+        while todo and len(pending) < window:
+            pending.append(task.remote(todo.pop(0), bank_ref))
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
+def _run_pool(jobs: list[Job], collection: Path, workers: int) -> Iterator[Outcome]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                             initargs=(str(collection), threads)) as pool:  # fmt: skip
+        futures = [pool.submit(_worker_encode, job) for job in jobs]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+FAILURES_FILE = "failures.json"
+
+
+def read_failures(root: Path) -> dict:
+    """The collection's failures log: source → {name, error, attempts}; sources that later landed are gone."""
+    path = root / FAILURES_FILE
+    return read_json(path) if path.is_file() else {}
+
+
+def write_failures(root: Path, failures: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + "failures-", dir=root)
+    with os.fdopen(fd, "w") as f:
+        json.dump(failures, f, indent=2, sort_keys=True)
+    os.replace(tmp, root / FAILURES_FILE)
 
 
 def add(
@@ -530,67 +678,88 @@ def add(
     allow_mixed_bases: bool = False,
     format: str | None = None,
     token: str | None = None,
+    keep_going: bool = False,
+    workers: int = 1,
+    ray_address: str | None = None,
     progress: Progress | None = None,
-) -> list[Entry]:
+    on_outcome: Callable[[Outcome, AddReport], None] | None = None,
+) -> AddReport:
     """Encode each source against the collection's frozen bank and add it (codes only).
 
-    Every source is read and checked (name, base, vector length) before any is encoded. Each adapter is
-    committed on its own (its folder, then the manifest), so a failure or kill loses at most the adapter
-    in flight. With ``base``, each new adapter's logits are calibrated in function space; the bank stays
-    frozen, since other adapters use it. The bank's settings (N, L, k, rank cap) come from the manifest;
-    from ``fit`` only the encoding knobs are taken: ``seed``, ``code_refine_steps``, ``candidates``,
-    ``partners`` and ``device``.
+    Each source is fetched, read, checked (name, base, vector length) and encoded on its own, then committed
+    on its own (its folder, then the manifest), so a failure or kill loses at most the adapters in flight.
+    A source already in the collection (same source and same weights hash) is skipped, so re-running a
+    batch resumes it. Failures are recorded in ``failures.json`` (and dropped from it once the source
+    lands); the first failure is raised unless ``keep_going``. ``workers > 1`` encodes in a local process
+    pool, ``ray_address`` (an address, or ``"local"``) as Ray tasks with the bank in the object store once;
+    only this process writes. With ``base``, each new adapter's logits are calibrated on its function (in
+    this process); the bank stays frozen, since other adapters use it. The bank's settings (N, L, k, rank
+    cap) come from the manifest; from ``fit`` only the encoding knobs are taken (``ENCODING_KNOBS``).
     """
     root = Path(collection)
     Collection(root)  # a clear error for a path that is no collection, before taking the lock
+    if names is not None and len(names) != len(sources):
+        raise SettingError("names", f"{len(names)} names for {len(sources)} sources")
+    if not sources:
+        raise SettingError("sources", "name at least one source adapter")
+    if workers < 1:
+        raise SettingError("workers", f"{{setting}} must be at least 1, not {workers}")
+    if base is not None and (workers > 1 or ray_address):
+        raise SettingError("base", "calibration ({setting}) runs in this process only: drop workers / Ray to calibrate")
+    report = AddReport()
     with locked(root):
         coll = Collection(root)
         clean_debris(root, coll.manifest)
         stored = coll.manifest.fit()
-        fit = replace(stored, **{k: getattr(fit or FitSettings(), k) for k in ENCODING_KNOBS})
-        if names is not None and len(names) != len(sources):
-            raise SettingError("names", f"{len(names)} names for {len(sources)} sources")
-        if not sources:
-            raise SettingError("sources", "name at least one source adapter")
-        checked = []
-        shapes = {}
-        for i, given in enumerate(sources):
-            s = load_source(given, names[i] if names else None, token, format)
-            if s.name in coll.manifest.adapters or s.name in checked:
-                raise SettingError("name", f"the collection already has an adapter named {s.name!r} (choose another name)", where=root)
-            check_sources_fit([s], coll.manifest.base_model, shapes, allow_mixed_bases)
-            fit_settings_for([s.adapter], replace(fit, rank=None))
-            checked.append(s.name)
+        run = replace(stored, **{k: getattr(fit or FitSettings(), k) for k in ENCODING_KNOBS})
+        by_source = {e.source: e for e in coll.entries.values()}
+        jobs = [Job(given=str(g), name=names[i] if names else None, fit=run, base_model=coll.manifest.base_model,
+                    known_sha256=by_source[str(g)].source_sha256 if str(g) in by_source else None,
+                    taken=frozenset(coll.names), allow_mixed_bases=allow_mixed_bases, format=format, token=token)
+                for i, g in enumerate(sources)]  # fmt: skip
         bank = coll.bank.float()
-        model = None
+        failures = read_failures(root)
+        calibrate_with = None
         if base is not None:
-            calibration = calibration or CalibrationSettings()
-            calibration.check()
-        entries = []
-        for i, given in enumerate(sources):
-            s = load_source(given, names[i] if names else None, token, format)
-            run = fit_settings_for([s.adapter], replace(fit, rank=min(stored.rank or s.rank_cap, s.rank_cap)))
-            factors = {m: mod.folded() for m, mod in s.adapter.modules.items()}
-            result = run_fit(factors, run, progress, bank=bank)
-            codes = result.codes
-            if base is not None:
-                if model is None:
-                    model = Base(resolve(base, "base", token=token).path, s.adapter)
-                model.check(s.adapter)
-                inputs, _ = calibration_texts(model, texts, calibration, fit.seed)
-                vb, _ = calibrate(s.adapter, VectorBank(bank=bank, topk=run.topk, codes=codes), model, inputs, calibration,
-                                  seed=fit.seed, progress=progress, freeze_bank=True)  # fmt: skip
-                codes = vb.codes
-            try:
-                entries.append(commit_adapter(root, s, bank, codes, coll.manifest, "add", calibrated=base is not None))
-                write_manifest(root, coll.manifest)
-            except BaseException:
-                # Leave the collection exactly as it was: no entry, no folder (a hard kill leaves the folder,
-                # which no manifest names; the next writer removes it).
-                coll.manifest.adapters.pop(s.name, None)
-                shutil.rmtree(root / ADAPTERS / s.name, ignore_errors=True)
-                raise
-    return entries
+            settings = calibration or CalibrationSettings()
+            settings.check()
+            first = load_source(sources[0], names[0] if names else None, token, format)  # the base is checked against it
+            calibrate_with = (Base(resolve(base, "base", token=token).path, first.adapter), texts, settings)
+        if ray_address:
+            outcomes = _run_ray(jobs, bank, ray_address)
+        elif workers > 1:
+            outcomes = _run_pool(jobs, root, workers)
+        else:
+            outcomes = (encode(job, bank, progress if len(jobs) == 1 else None, calibrate_with) for job in jobs)
+        for outcome in outcomes:
+            if outcome.status == "added" and outcome.name in coll.manifest.adapters:  # two sources of one name in a batch
+                outcome = Outcome(outcome.given, "failed", name=outcome.name, where=outcome.given, setting="name", kind="SettingError",
+                                  problem=f"the collection already has an adapter named {outcome.name!r} (choose another {{setting}})")  # fmt: skip
+            if outcome.status == "added":
+                try:
+                    report.added.append(write_encoded(root, outcome.encoded, coll.manifest))
+                    write_manifest(root, coll.manifest)
+                except BaseException:
+                    # Leave the collection exactly as it was: no entry, no folder (a hard kill leaves the
+                    # folder, which no manifest names; the next writer removes it).
+                    coll.manifest.adapters.pop(outcome.name, None)
+                    shutil.rmtree(root / ADAPTERS / outcome.name, ignore_errors=True)
+                    raise
+                if failures.pop(outcome.given, None) is not None:
+                    write_failures(root, failures)
+            elif outcome.status == "skipped":
+                report.skipped.append(outcome.given)
+            else:
+                error = outcome.error
+                report.failed.append(Failure(outcome.given, outcome.name, str(error), outcome))
+                attempts = failures.get(outcome.given, {}).get("attempts", 0) + 1
+                failures[outcome.given] = {"name": outcome.name, "error": str(error), "attempts": attempts}
+                write_failures(root, failures)
+                if not keep_going:
+                    raise error
+            if on_outcome:
+                on_outcome(outcome, report)
+    return report
 
 
 def remove(collection: str | os.PathLike, names: list[str]) -> None:

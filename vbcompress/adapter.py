@@ -65,6 +65,17 @@ class LoraModule:
             return delta.reshape(self.out_features, -1, *self.kernel)
         return delta.T if self.transposed else delta
 
+    def add_delta_(self, weight: torch.Tensor) -> torch.Tensor:
+        """Add ΔW to ``weight`` (float32, in the base weight's layout) in place, without forming ΔW apart."""
+        b, a = self.folded()
+        if self.kind == CONV and self.kernel is not None:
+            weight.view(self.out_features, -1).addmm_(b, a)
+        elif self.transposed:
+            weight.addmm_(a.T, b.T)
+        else:
+            weight.addmm_(b, a)
+        return weight
+
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, A)`` in float32 with the scale folded in, so that ``ΔW = B @ A``."""
         return self.B.float() * self.scale, self.A.float()

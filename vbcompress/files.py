@@ -141,8 +141,8 @@ def stream_safetensors(
     path: Path, layout: list[tuple[str, list[int], torch.dtype]], tensors: Iterator[torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """Write a safetensors file one tensor at a time: ``layout`` lists (name, shape, dtype) in order and
-    ``tensors`` yields them in that order. Only one tensor is in memory at a time (``save_file`` needs
-    all of them, and copies them into one buffer).
+    ``tensors`` yields them in that order. Only a tensor or two are in memory at a time (``save_file`` needs
+    all of them, and copies them into one buffer); the disk write of one overlaps the making of the next.
     """
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
@@ -152,28 +152,71 @@ def stream_safetensors(
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format aligns tensor data to 8 bytes
-    with open(path, "wb") as f:
+    with open(path, "wb") as f, _Behind(1) as behind:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for (name, shape, dtype), t in zip(layout, tensors, strict=True):
             if list(t.shape) != list(shape) or t.dtype != dtype:
                 raise ValueError(f"{name}: got {list(t.shape)} {t.dtype}, header says {shape} {dtype}")
-            f.write(t.contiguous().view(torch.uint8).reshape(-1).numpy().data)
+            data = t.contiguous().view(torch.uint8).reshape(-1).numpy()
+            behind.submit(f.write, data)
 
 
-def iter_safetensors(path: Path, header: dict) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(path: Path, header: dict, ring: int = 4) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of a safetensors file in header order, each read with a plain ``read`` (no mmap), so that
-    only the tensor in hand is resident: a mapped file's touched pages count as the process's memory.
+    only the tensors in hand are resident: a mapped file's touched pages count as the process's memory.
+
+    The next tensor is read while the caller works on this one, into a ring of ``ring`` reused buffers
+    (fresh memory for every tensor costs a page fault per 4 KiB, more than the copy itself). A yielded
+    tensor stays valid until ``ring - 1`` more have been yielded: enough for one being processed and one
+    being written behind (:func:`stream_safetensors`).
     """
     names = [k for k in header if k != "__metadata__"]
+    size = max((header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in names), default=0)
+    buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(min(ring, len(names)))]
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        for name in names:
-            meta = header[name]
+
+        def read(i: int) -> torch.Tensor:
+            meta = header[names[i]]
             start, end = meta["data_offsets"]
+            buf = buffers[i % len(buffers)][: end - start]
             f.seek(8 + n + start)
-            buf = bytearray(end - start)
-            f.readinto(buf)
-            dtype = DTYPE_OF[meta["dtype"]]
-            t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-            yield name, t.view(dtype).reshape(meta["shape"])
+            if end > start and f.readinto(buf.numpy()) != end - start:
+                raise FormatError(path, f"tensor {names[i]}: file ended early")
+            return buf.view(DTYPE_OF[meta["dtype"]]).reshape(meta["shape"])
+
+        with _Behind(1) as ahead:
+            pending = ahead.submit(read, 0) if names else None
+            for i, name in enumerate(names):
+                t = pending.result()
+                pending = ahead.submit(read, i + 1) if i + 1 < len(names) else None
+                yield name, t
+
+
+class _Behind:
+    """A one-thread executor that keeps at most ``depth`` jobs outstanding: I/O overlapped with compute,
+    memory bounded. Leaving the block waits for every job (and raises the first error)."""
+
+    def __init__(self, depth: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool, self.depth, self.jobs = ThreadPoolExecutor(1), depth, []
+
+    def submit(self, fn, *args):
+        while len(self.jobs) >= self.depth:
+            self.jobs.pop(0).result()
+        job = self.pool.submit(fn, *args)
+        self.jobs.append(job)
+        return job
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            for job in self.jobs:
+                job.result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        return False

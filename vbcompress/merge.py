@@ -140,6 +140,8 @@ def merge(
     targets, replaced = resolve_targets(adapter, layout.info, base_dir)
     cast = CAST_DTYPES[settings.dtype]
     total_size = 0
+    # One float32 scratch for the largest merged weight: fresh memory per weight costs more than the math.
+    scratch = torch.empty(max((math.prod(layout.info[k][0]) for k in targets), default=0))
     with atomic_output_dir(out, overwrite=overwrite, inputs=(base_dir, adapter_dir)) as tmp:
         for shard, header in layout.shards.items():
             names = []
@@ -154,8 +156,12 @@ def merge(
 
             def merged(path=base_dir / shard, header=header):
                 for key, t in iter_safetensors(path, header):
-                    if key in targets:
-                        t = (t.float() + adapter.modules[targets[key]].delta_weight(torch.float32)).to(t.dtype)
+                    if key in targets:  # ΔW accumulated in float32 in a reused scratch, then back in place
+                        if t.dtype == torch.float32:
+                            adapter.modules[targets[key]].add_delta_(t)
+                        else:
+                            w = scratch[: t.numel()].view(t.shape).copy_(t)
+                            t.copy_(adapter.modules[targets[key]].add_delta_(w))
                     elif key in replaced:
                         t = adapter.carried[replaced[key]].to(t.dtype)
                     yield t.to(cast) if cast is not None and t.is_floating_point() else t

@@ -5,17 +5,20 @@ collection. Reports adapters per minute and peak RSS of the driver and of the wo
 getrusage: the largest single worker), and checks the three collections hold byte-identical codes.
 
   python benchmarks/batch.py [--count 200] [--workers 2] [--no-ray]
+  python benchmarks/batch.py --seven-b    # one add of a Llama-2-7B-shaped adapter: the cost model's input
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import time
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collection import synthetic_gemma  # noqa: E402  (the same synthetic adapters as the collection benchmark)
@@ -36,6 +39,29 @@ print(json.dumps({"seconds": seconds, "added": len(report.added), "failed": len(
 """
 
 
+def seven_b() -> None:
+    """Time one `add` of a Llama-2-7B-shaped r=16 adapter (40M LoRA parameters) to an N=2048, L=256 bank."""
+    from scale import make_adapter
+
+    from vbcompress import FitSettings
+    from vbcompress.collection import add, pack
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        params = make_adapter(tmp / "a", 32, seed=0)
+        make_adapter(tmp / "b", 32, seed=1)
+        start = time.perf_counter()
+        pack([tmp / "a"], tmp / "coll", FitSettings(num_vectors=2048, vector_length=256, iters=1, refine_steps=0))
+        pack_s = time.perf_counter() - start
+        start = time.perf_counter()
+        (entry,) = add(tmp / "coll", [tmp / "b"]).added
+        add_s = time.perf_counter() - start
+        source = sum(p.stat().st_size for p in (tmp / "b").iterdir())
+    print(f"7B-shaped adapter ({params / 1e6:.1f}M LoRA params, {source / 1e6:.0f} MB source): add to an N=2048, L=256 bank in "
+          f"{add_s:.1f} s on this machine ({torch.get_num_threads()} threads); marginal bytes {entry.marginal_bytes / 1e6:.2f} MB "
+          f"(codes); setup pack with a 1-iteration fit {pack_s:.0f} s")
+
+
 def main() -> None:
     import json
 
@@ -46,7 +72,10 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--seven-b", action="store_true", help="time one add of a 7B-shaped adapter instead")
     args = ap.parse_args()
+    if args.seven_b:
+        return seven_b()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sources = []

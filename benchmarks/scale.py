@@ -26,9 +26,9 @@ SHAPES = {  # module: (out, in)
 }  # fmt: skip
 
 
-def make_adapter(path: Path, layers: int, r: int = 16) -> int:
+def make_adapter(path: Path, layers: int, r: int = 16, seed: int = 0) -> int:
     """Random factors with a decaying spectrum (σ_i ∝ 0.7^i), saved as a PEFT LoRA; returns #params."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     tensors, decay = {}, 0.7 ** torch.arange(r, dtype=torch.float32)
     for layer in range(layers):
         for name, (out, inp) in SHAPES.items():

@@ -24,7 +24,14 @@ def flag_of(setting: str) -> str:
 
 
 class Group(click.Group):
-    """Turns library errors into one line on stderr and exit code 2 (``--debug`` shows the traceback)."""
+    """Turns library errors into one line on stderr (a JSON object on stdout with ``--json``) and exit code 2,
+    Ctrl-C into exit code 130; ``--debug``, before or after the command, shows the traceback instead."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--debug" in args[1:]:  # accepted after the subcommand too
+            args = ["--debug"] + [a for a in args if a != "--debug"]
+        self.as_json = "--json" in args
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -32,8 +39,16 @@ class Group(click.Group):
         except VBCompressError as e:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {e.render(flag_of)}", err=True)
+            message = e.render(flag_of)
+            if getattr(self, "as_json", False):
+                click.echo(json.dumps({"error": message, "kind": type(e).__name__, "where": e.where, "setting": e.setting and flag_of(e.setting)}))
+            click.echo(f"error: {message}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            if ctx.params.get("debug"):
+                raise
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
 
 
 def options_for(cls, prefix: str = "", skip: tuple[str, ...] = ()):
@@ -93,6 +108,16 @@ def emit_json(data: dict) -> None:
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 def main(debug: bool) -> None:
     """Shrink trained LoRA adapters into PEFT's VB-LoRA vector-bank format, and convert between formats."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+def _terminate(signum, frame):
+    # SIGTERM unwinds like an exception, so temporary output is removed; the exit code says why (128 + 15).
+    raise SystemExit(143)
 
 
 token_option = click.option("--token", default=None, help="Hugging Face token for private or gated Hub ids [default: HF_TOKEN or the saved login].")

@@ -42,7 +42,8 @@ from .bank.calibrate import calibrate
 from .basemodel import Base
 from .compress import Progress, calibration_texts, fit_settings_for, measure, run_fit
 from .errors import FormatError, OutputError, SettingError, ShapeError, VBCompressError, listed
-from .files import atomic_output_dir, read_json, save_tensors, write_json
+from .files import read_json, save_tensors, write_json
+from .output import atomic_output_dir, claim_output
 from .formats import load_adapter, weights_in, write_vblora
 from .formats.peft_lora import target_modules_for
 from .formats.vblora import compact_weights, restored_weights
@@ -340,6 +341,8 @@ class Collection:
                     write_vblora(replace(adapter, modules={}), target)
                 write_json(target / "vbcompress.json", {"collection": str(self.path), **asdict(self.entry(name))})
                 written.append(Path(out) if len(names) == 1 else Path(out) / name)
+            if len(names) > 1:  # marks the folder as ours (for overwrite) and says what it holds
+                write_json(tmp / "vbcompress.json", {"collection": str(self.path), "unpacked": names, "dense": dense})
         return written
 
     def load_peft(self, model, names: list[str]):
@@ -494,6 +497,11 @@ def pack(
     if dupes:
         raise SettingError("names", f"two sources would both be named {dupes[0]!r}: name them (names=...)")
     check_sources_fit(loaded, None, {}, allow_mixed_bases)
+    with claim_output(out, overwrite, inputs=tuple(s.path for s in loaded)) as target:  # before the fit
+        return _pack(loaded, target, fit, output, progress)
+
+
+def _pack(loaded: list[Source], target, fit: FitSettings, output: OutputSettings, progress) -> Collection:
     cap = fit.rank  # the user's cap: each adapter keeps min(cap, its own rank), now and when added later
     fit = fit_settings_for([s.adapter for s in loaded], fit)
     factors, ranks, scales = {}, {}, {}
@@ -507,7 +515,7 @@ def pack(
     result = run_fit(factors, fit, progress, ranks=ranks, scales=scales)
     bank = result.bank.to(getattr(torch, output.bank_dtype))
     settings = {**asdict(replace(fit, rank=cap)), "bank_dtype": output.bank_dtype}
-    with atomic_output_dir(out, overwrite=overwrite, inputs=tuple(s.path for s in loaded)) as tmp:
+    with target.write() as tmp:
         save_tensors({"bank": bank.contiguous()}, tmp / BANK_FILE)
         base_model = next((s.adapter.base_model for s in loaded if s.adapter.base_model), None)
         manifest = Manifest(settings=settings, bank_sha256=sha256_of(tmp / BANK_FILE), base_model=base_model)
@@ -515,7 +523,7 @@ def pack(
             codes = {mname: result.codes[f"{i}:{mname}"] for mname in s.adapter.modules}
             write_encoded(tmp, encode_stored(s, bank.float(), codes, fit.topk, "pack"), manifest)
         write_manifest(tmp, manifest)
-    return Collection(out)
+    return Collection(target.out)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from .basemodel import Base, read_texts
 from .baselines import truncation
 from .card import model_card, source_metadata
 from .errors import SettingError, ShapeError, VBCompressError
-from .files import atomic_output_dir, write_json
+from .files import write_json
+from .output import OutputTarget, claim_output
 from .formats import load_adapter, write_vblora
 from .formats.vblora import canonical_code
 from .hub import HubSource, create_repo, push, resolve
@@ -98,11 +99,6 @@ def fit_stages(fit: FitResult) -> FitStages:
     return FitStages(seed=first, alternate=min((e for s, e in fit.history if s == "alternate"), default=first), refine=fit.rel_error)
 
 
-def load_base(base: str | Path, source: Adapter, token: str | None) -> tuple[Base, str]:
-    """The calibration base (a Hub id resolved here) checked against ``source``; and how it was given."""
-    return Base(resolve(base, "base", token=token).path, source), str(base)
-
-
 def calibration_texts(model: Base, texts_file: str | Path | None, settings: CalibrationSettings, seed: int) -> tuple[list[str], str]:
     """The calibration inputs and a label for the report: the file's lines, or data-free inputs."""
     if texts_file is not None:
@@ -140,13 +136,19 @@ def lora2vb(
     fit, output = fit or FitSettings(), output or OutputSettings()
     output.check()
     got = resolve(src, "adapter", token=token)
+    base_path = resolve(base, "base", token=token).path if base is not None else None
+    with claim_output(out, overwrite, inputs=(got.path, base_path, texts)) as target:  # before any work
+        return _lora2vb(src, got, target, fit, output, base_path, base, calibration, texts, format, repo_id, progress)
+
+
+def _lora2vb(src, got, target: OutputTarget, fit, output, base_path, base, calibration, texts, format, repo_id, progress) -> CompressReport:
     source = load_adapter(got.path, format=format)
     fit = fit_settings_for([source], fit)
     model = None
     if base is not None:  # load and check the base before any training
         calibration = calibration or CalibrationSettings()
         calibration.check()
-        model, base_label = load_base(base, source, token)
+        model, base_label = Base(base_path, source), str(base)
     elif texts is not None:
         raise SettingError("texts", "calibration text ({setting}) needs a base model", where=texts)
     factors = {name: m.folded() for name, m in source.modules.items()}
@@ -162,8 +164,8 @@ def lora2vb(
         codes={name: canonical_code(code) for name, code in fitted.codes.items()},
     )
     return write_compressed(
-        source, vb, out, fit=fit, output=output, stages=fit_stages(result), src=src, source_path=got.path,
-        hub_source=got.hub, calibration=calib_report, overwrite=overwrite, repo_id=repo_id,
+        source, vb, target, fit=fit, output=output, stages=fit_stages(result), src=src, source_path=got.path,
+        hub_source=got.hub, calibration=calib_report, repo_id=repo_id,
     )  # fmt: skip
 
 
@@ -193,7 +195,7 @@ def measure(source: Adapter, written: Adapter) -> tuple[float | None, dict[str, 
 def write_compressed(
     source: Adapter,
     vb: VectorBank,
-    out: str | Path,
+    target: OutputTarget,
     *,
     fit: FitSettings,
     output: OutputSettings,
@@ -202,13 +204,12 @@ def write_compressed(
     source_path: Path,
     hub_source: HubSource | None = None,
     calibration: CalibrationReport | None = None,
-    overwrite: bool = False,
     repo_id: str | None = None,
 ) -> CompressReport:
     """Write ``vb`` as a PEFT VB-LoRA adapter with its report and model card; the report describes the
     written files, re-read, not our in-memory copy."""
-    with atomic_output_dir(out, overwrite=overwrite, inputs=(source_path,)) as tmp:
-        write_vblora(vb_adapter(source, vb, out), tmp, full_logits=output.full_logits)
+    with target.write() as tmp:
+        write_vblora(vb_adapter(source, vb, target.out), tmp, full_logits=output.full_logits)
         written = load_adapter(tmp)
         total, modules, zero = measure(source, written)
         vb_bytes, bank_bytes = written.stored_bytes(), vb.bank.numel() * vb.bank.element_size()

@@ -15,7 +15,8 @@ import torch
 
 from .adapter import Adapter
 from .errors import SettingError
-from .files import CAST_DTYPES, atomic_output_dir, write_json
+from .files import CAST_DTYPES, write_json
+from .output import claim_output
 from .formats import load_adapter, write_peft_lora
 from .hub import resolve
 from .linalg import low_rank_svd
@@ -104,7 +105,12 @@ def to_lora(
     writes) the report."""
     settings = settings or RankSettings()
     got = resolve(src, "adapter", token=token)
-    source = load_adapter(got.path, format=format)
+    with claim_output(out, overwrite, inputs=(got.path,)) as target:
+        return _to_lora(src, got.path, target, rank, settings, format)
+
+
+def _to_lora(src, path: Path, target, rank, settings: RankSettings, format) -> DenseReport:
+    source = load_adapter(path, format=format)
     lora, rows = truncate(source, rank, settings)
     total = sum(r.energy for r in rows)
     kept = sum(r.kept_energy for r in rows)
@@ -119,7 +125,7 @@ def to_lora(
         rel_error=math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0,
         bytes_before=source.stored_bytes(),
     )
-    with atomic_output_dir(out, overwrite=overwrite, inputs=(got.path,)) as tmp:
+    with target.write() as tmp:
         write_peft_lora(lora, tmp, dtype=CAST_DTYPES[settings.dtype])
         report.bytes_after = load_adapter(tmp).stored_bytes()
         write_json(tmp / REPORT_FILE, report.to_json())

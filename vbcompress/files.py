@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,14 +12,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import FormatError, OutputError
+from .errors import FormatError
+
+
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
 
 def check_safetensors(path: Path) -> dict:
-    """Validate a safetensors header against the file size; return the parsed header.
+    """Validate a safetensors header completely before any tensor is read; return the parsed header.
 
-    safetensors' own message for a truncated file is terse, and users most often meet it after an
-    interrupted download, so say how many bytes are missing.
+    Checked: the header length against the file, JSON that is an object of objects, every entry's dtype,
+    shape (non-negative integers) and data_offsets (two integers, in order, matching dtype × shape, inside
+    the file, not overlapping another tensor), and string metadata. safetensors' own message for a truncated
+    file is terse, and users most often meet it after an interrupted download, so say how many bytes are missing.
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -31,27 +32,97 @@ def check_safetensors(path: Path) -> dict:
         if len(head) < 8:
             raise FormatError(path, f"not a safetensors file: only {size} bytes")
         (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER:
+            raise FormatError(path, f"not a safetensors file: header length {n} is over the format's limit")
         if 8 + n > size:
             raise FormatError(path, f"truncated safetensors file: header declares {n} bytes, file has {size - 8}")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise FormatError(path, f"corrupt safetensors header ({e.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise FormatError(path, "corrupt safetensors header (not a JSON object)")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise FormatError(path, "corrupt safetensors header (__metadata__ must map strings to strings)")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        bad = f"corrupt safetensors header: tensor {name!r} "
+        if not isinstance(entry, dict):
+            raise FormatError(path, bad + "is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_OF:
+            raise FormatError(path, bad + f"has an unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise FormatError(path, bad + f"has an invalid shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):  # fmt: skip
+            raise FormatError(path, bad + f"has invalid data_offsets {offsets!r}")
+        need = math.prod(shape) * ELEMENT_SIZE[dtype]
+        if offsets[1] - offsets[0] != need:
+            raise FormatError(path, bad + f"is {offsets[1] - offsets[0]} bytes, but {dtype} × {shape} needs {need}")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, e0, a), (s1, _, b) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise FormatError(path, f"corrupt safetensors header: tensors {a!r} and {b!r} overlap")
+    end = max((e for _, e, _ in spans), default=0)
     if 8 + n + end > size:
-        raise FormatError(
-            path, f"truncated safetensors file: tensors need {end} bytes of data, file holds {size - 8 - n}"
-        )
+        raise FormatError(path, f"truncated safetensors file: tensors need {end} bytes of data, file holds {size - 8 - n}")
     return header
+
+
+# A pickle may describe far more memory than its file holds (zeros deflated in the zip, one storage viewed
+# by many tensors): refuse what would need more than this many times the file size, plus some slack.
+PICKLE_EXPANSION = 4
+
+
+def read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch ``.bin`` state dict, read without running code and without materialising a memory bomb:
+    storages are checked in the zip's directory (stored, not deflated; their total against the file size)
+    and loaded memory-mapped, then every tensor is checked to fit the file without aliasing."""
+    import zipfile
+
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            data = [i for i in z.infolist() if "/data/" in i.filename]
+            if any(i.compress_type != zipfile.ZIP_STORED for i in data):
+                raise FormatError(path, "PyTorch file with compressed tensor data (torch.save never writes that): refused")
+            total = sum(i.file_size for i in data)
+    except zipfile.BadZipFile:
+        raise FormatError(path, "not a PyTorch weights file (not a zip archive; pre-1.6 pickles are not read)") from None
+    if total > PICKLE_EXPANSION * size + (1 << 20):
+        raise FormatError(path, f"PyTorch file declares {total} bytes of tensors in a {size}-byte file: refused")
+    try:
+        # Pickles can run code: weights_only refuses anything that is not plain tensors and containers.
+        state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except Exception as e:  # torch raises many unrelated types for a bad pickle
+        first = (str(e).splitlines() or [""])[0][:120]
+        raise FormatError(path, f"cannot read as a PyTorch weights file ({e.__class__.__name__}: {first})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise FormatError(path, "not a state dict of tensors")
+    needed = 0
+    for key, t in state.items():
+        if t.numel() and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
+            raise FormatError(path, f"tensor {key!r} repeats one value through a zero stride ({t.numel()} elements): refused")
+        needed += t.numel() * t.element_size()
+    if needed > PICKLE_EXPANSION * size + (1 << 20):
+        raise FormatError(path, f"tensors need {needed} bytes from a {size}-byte file (views sharing storage): refused")
+    return {k: t.clone() for k, t in state.items()}  # own memory, not the mapped file
 
 
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors of a ``.safetensors`` or PyTorch pickle file, and the safetensors metadata."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_symlink() and not path.exists():
+        raise FormatError(path, "a symbolic link that leads nowhere (broken, or a loop)")
+    if not path.exists():
         raise FormatError(path, "no such file")
+    if not path.is_file():
+        raise FormatError(path, "not a regular file" + (" (a folder)" if path.is_dir() else ""))
     if path.suffix == ".safetensors":
         check_safetensors(path)
         try:
@@ -59,14 +130,7 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except SafetensorError as e:
             raise FormatError(path, f"corrupt safetensors file ({e})") from None
-    try:
-        # Pickles can run code: weights_only refuses anything that is not plain tensors and containers.
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # torch raises many unrelated types for a bad pickle
-        raise FormatError(path, f"cannot read as a PyTorch weights file ({e.__class__.__name__}: {str(e)[:120]})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise FormatError(path, "not a state dict of tensors")
-    return dict(state), {}
+    return read_pickle(path), {}
 
 
 def read_json(path: str | Path) -> dict:
@@ -90,50 +154,12 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or {"format": "pt"})
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out`` that becomes ``out`` only if the block succeeds.
-
-    A failure leaves nothing behind; an existing non-empty ``out`` is replaced only with ``overwrite``,
-    and never when it is one of the ``inputs``.
-    """
-    out = Path(out)
-    for src in inputs:
-        if src is not None and Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
-            raise OutputError(out, "output would overwrite the input")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputError(out, "output exists and is not empty (use {setting} to replace it)", setting="overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        _default_permissions(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        os.replace(tmp, out)
-
-
-def _default_permissions(root: Path) -> None:
-    """mkdtemp makes private directories; give the output the modes a plain mkdir/open would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(root, 0o777 & ~umask)
-    for p in root.rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-
-
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }  # fmt: skip
 DTYPE_OF = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+ELEMENT_SIZE = {name: torch.empty(0, dtype=dtype).element_size() for name, dtype in DTYPE_OF.items()}
 CAST_DTYPES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -112,7 +112,7 @@ def list_files(ref: HubRef, token: str | None) -> list[str]:
     except CachedRepoTreeNotFoundError:
         if isinstance(offline, OfflineModeIsEnabled):
             raise HubError(ref, "not in the local cache and HF_HUB_OFFLINE is set (download it once online)") from None
-        raise HubError(ref, f"cannot reach the Hub ({offline.__class__.__name__}) and it is not in the local cache") from None
+        raise HubError(ref, f"no such file or directory here; cannot reach the Hub ({offline.__class__.__name__}) and it is not in the local cache") from None
 
 
 def select_files(ref: HubRef, files: list[str], kind: str) -> tuple[list[str], str]:
@@ -178,7 +178,7 @@ class hub_errors:
         elif isinstance(error, OfflineModeIsEnabled) or (isinstance(error, LocalEntryNotFoundError) and is_offline()):
             problem = "not in the local cache and HF_HUB_OFFLINE is set (download it once online)"
         elif isinstance(error, (LocalEntryNotFoundError, httpx2.TransportError)):
-            problem = f"cannot reach the Hub and the files are not in the local cache ({error.__class__.__name__})"
+            problem = f"no such file or directory here; cannot reach the Hub and the files are not in the local cache ({error.__class__.__name__})"
         elif isinstance(error, HfHubHTTPError):
             status = error.response.status_code if error.response is not None else "?"
             problem = f"the Hub answered HTTP {status}: {str(error).splitlines()[0]}"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import SettingError
 from .formats import load_adapter
 from .hub import resolve
 from .linalg import singular_values
@@ -86,6 +87,8 @@ def inspect_adapter(path: str | Path, threshold: float = RankSettings.threshold,
     share of ‖ΔW‖²_F in the top direction, and whether it is all zero or holds NaN/Inf.
     Non-finite adapters are reported, not refused.
     """
+    if not 0 < threshold <= 1:
+        raise SettingError("threshold", f"{{setting}} {threshold} must be in (0, 1]: the share of Σσ the effective rank keeps")
     adapter = load_adapter(resolve(path, "adapter", token=token).path, format=format, allow_nonfinite=True)
     modules = []
     for name, m in adapter.modules.items():

@@ -17,15 +17,17 @@ import torch
 
 from .adapter import Adapter
 from .errors import FormatError, ShapeError, VBCompressError, listed
-from .files import CAST_DTYPES, DTYPE_OF, atomic_output_dir, check_safetensors, iter_safetensors, read_json, stream_safetensors, write_json
+from .files import CAST_DTYPES, DTYPE_OF, check_safetensors, iter_safetensors, read_json, stream_safetensors, write_json
 from .formats import load_adapter
 from .hub import resolve
+from .output import claim_output
 from .settings import MergeSettings
 
 INDEX = "model.safetensors.index.json"
+REPORT_FILE = "vbcompress.json"
 SINGLE = "model.safetensors"
 # Other serialisations of the same weights would be stale next to merged shards.
-STALE = ("pytorch_model*.bin", "*.h5", "*.msgpack", "*.onnx", "*.ckpt")
+STALE = ("pytorch_model*.bin", "*.h5", "*.msgpack", "*.onnx", "*.ckpt", "vbcompress.json")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")
 
 
@@ -135,6 +137,11 @@ def merge(
     settings.check()
     base_dir = resolve(base, "base", token=token).path
     adapter_dir = resolve(adapter_src, "adapter", token=token).path
+    with claim_output(out, overwrite, inputs=(base_dir, adapter_dir)) as target:
+        return _merge(base, adapter_src, out, base_dir, adapter_dir, target, settings)
+
+
+def _merge(base, adapter_src, out, base_dir: Path, adapter_dir: Path, target, settings: MergeSettings) -> MergeReport:
     adapter = load_adapter(adapter_dir)
     layout = base_layout(base_dir)
     targets, replaced = resolve_targets(adapter, layout.info, base_dir)
@@ -142,7 +149,7 @@ def merge(
     total_size = 0
     # One float32 scratch for the largest merged weight: fresh memory per weight costs more than the math.
     scratch = torch.empty(max((math.prod(layout.info[k][0]) for k in targets), default=0))
-    with atomic_output_dir(out, overwrite=overwrite, inputs=(base_dir, adapter_dir)) as tmp:
+    with target.write() as tmp:
         for shard, header in layout.shards.items():
             names = []
             for key, meta in header.items():
@@ -176,8 +183,10 @@ def merge(
             config = json.loads((tmp / "config.json").read_text())
             config["torch_dtype"] = settings.dtype
             write_json(tmp / "config.json", config)
-    return MergeReport(base=str(base), adapter=str(adapter_src), out=str(out), shards=len(layout.shards),
-                       merged_modules=len(targets), replaced_tensors=len(replaced), copied_files=copied)  # fmt: skip
+        report = MergeReport(base=str(base), adapter=str(adapter_src), out=str(out), shards=len(layout.shards),
+                             merged_modules=len(targets), replaced_tensors=len(replaced), copied_files=copied)  # fmt: skip
+        write_json(tmp / REPORT_FILE, report.to_json())  # also marks the folder as ours, for --overwrite
+    return report
 
 
 def copy_side_files(base: Path, dest: Path, skip: set[str]) -> list[str]:

@@ -10,7 +10,7 @@ import torch
 from ..adapter import Adapter
 from ..errors import FormatError, SettingError
 from ..files import read_json, read_tensors
-from .common import check_finite
+from .common import check_config, check_finite
 from .diffusers import is_legacy, read_diffusers
 from .kohya import read_kohya
 from .peft_lora import read_peft_lora, write_peft_lora
@@ -41,15 +41,11 @@ def _peft_config(path: Path, weights: Path, peft_type: str) -> dict:
     if not cfg_path.is_file():
         raise FormatError(cfg_path, f"missing adapter_config.json next to {weights.name}")
     config = read_json(cfg_path)
-    found = config.get("peft_type", peft_type.upper())
+    # No peft_type in an old config: the tensors say which it is.
+    found = config.get("peft_type", "VBLORA" if peft_type == "vblora" else "LORA")
     if str(found).upper() not in ("LORA", "VBLORA"):
         raise FormatError(cfg_path, f"unsupported peft_type {found!r} (vbcompress reads LORA and VBLORA)")
-    checks = {"r": int, "lora_alpha": (int, float), "num_vectors": int, "vector_length": int, "topk": int}
-    for key, types in checks.items():
-        value = config.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, types) or value <= 0):
-            raise FormatError(cfg_path, f"invalid config: {key} = {value!r} must be a positive number")
-    return config
+    return check_config(config, cfg_path)
 
 
 def weights_in(path: Path) -> Path:
@@ -74,6 +70,8 @@ def load_adapter(path: str | os.PathLike, format: str | None = None, allow_nonfi
     for NaN/Inf values unless ``allow_nonfinite``.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise FormatError(path, "a symbolic link that leads nowhere (broken, or a loop)")
     if not path.exists():
         raise FormatError(path, "no such file or directory")
     if format is not None and format not in FORMATS:

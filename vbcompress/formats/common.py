@@ -29,6 +29,7 @@ def match_keys(
     tensors: dict[str, torch.Tensor],
     rules: list[tuple[re.Pattern, str]],
     name_of: Callable[[re.Match], str] = lambda m: m.group("name"),
+    path: Path | None = None,
 ) -> tuple[dict[str, FactorPair], list[str]]:
     """Sort keys into factor pairs by ``rules`` (pattern → role ``down|up|alpha|down_emb|up_emb``).
 
@@ -43,6 +44,8 @@ def match_keys(
                 pair = pairs.setdefault(name_of(m), FactorPair())
                 pair.keys.append(key)
                 if role == "alpha":
+                    if tensor.numel() != 1:
+                        raise FormatError(path, f"{key}: an alpha must hold one number, this one holds {tensor.numel()}")
                     pair.alpha = float(tensor.float().reshape(-1)[0])
                 else:
                     if role.endswith("_emb"):
@@ -74,12 +77,19 @@ def build_module(
         raise ShapeError(path, f"module {name}: factors of shape {list(down.shape)} and {list(up.shape)} are not matrices")
     if down.shape[0] != up.shape[1]:
         raise ShapeError(path, f"module {name}: rank mismatch, A is {list(pair.down.shape)} but B is {list(pair.up.shape)}")
+    if not (down.is_floating_point() and up.is_floating_point()):
+        raise FormatError(path, f"module {name}: factors are {down.dtype}/{up.dtype}, not floating point (a corrupt or mislabelled file)")
     r = down.shape[0]
+    if r == 0 or down.shape[1] == 0 or up.shape[0] == 0:
+        raise ShapeError(path, f"module {name}: empty factors {list(pair.down.shape)} and {list(pair.up.shape)}")
+    scale = scale_of(name, r, pair.alpha)
+    if not (math.isfinite(scale) and abs(scale) < MAX_SCALE):
+        raise FormatError(path, f"module {name}: scale {scale!r} (alpha / r) is not a usable number")
     return LoraModule(
         name=name,
         A=down,
         B=up,
-        scale=scale_of(name, r, pair.alpha),
+        scale=scale,
         fan_in_fan_out=fan_in_fan_out and kind == LINEAR,
         kind=kind,
         kernel=kernel,
@@ -94,6 +104,39 @@ def build_modules(
     return {name: build_module(name, pairs[name], path, scale_of, fan_in_fan_out) for name in sorted(pairs, key=natural_key)}
 
 
+# lora_alpha / r beyond this is no trained adapter: it would overflow float32 in ΔW.
+MAX_SCALE = 1e12
+
+
+def check_config(config: dict, path: Path) -> dict:
+    """Refuse a PEFT-style config whose values the readers would misuse: non-numbers, non-positive or
+    non-finite sizes and alphas, patterns that are not objects of compiling regexes to positive numbers."""
+    for key in ("r", "num_vectors", "vector_length", "topk"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise FormatError(path, f"invalid config: {key} = {value!r} must be a positive integer")
+    alpha = config.get("lora_alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < MAX_SCALE * 1e6):
+        raise FormatError(path, f"invalid config: lora_alpha = {alpha!r} must be a positive finite number")
+    for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise FormatError(path, f"invalid config: {key} must be an object of regex → number, not {type(patterns).__name__}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise FormatError(path, f"invalid config: {key} key {pattern!r} is not a regular expression ({e})") from None
+            if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value < MAX_SCALE * 1e6:
+                raise FormatError(path, f"invalid config: {key}[{pattern!r}] = {value!r} must be a positive number")
+    for key in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise FormatError(path, f"invalid config: {key} = {config[key]!r} must be true or false")
+    return config
+
+
 def pattern_value(patterns: dict | None, name: str, default):
     """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key matching a suffix of the module name."""
     for key, value in (patterns or {}).items():
@@ -106,7 +149,8 @@ def peft_scale(config: dict) -> Callable[[str, int, float | None], float]:
     """Scale rule of a PEFT LoRA config: ``alpha / r`` or ``alpha / sqrt(r)`` with per-module patterns."""
 
     def scale_of(name: str, r: int, _alpha: float | None) -> float:
-        alpha = float(pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
+        default = config.get("lora_alpha") if config.get("lora_alpha") is not None else 8  # PEFT's default
+        alpha = float(pattern_value(config.get("alpha_pattern"), name, default))
         return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
     return scale_of

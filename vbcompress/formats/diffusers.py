@@ -12,7 +12,7 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import FormatError
-from .common import build_modules, dtype_name, match_keys, peft_scale, reject_unknown, stored_alpha_scale
+from .common import build_modules, check_config, dtype_name, match_keys, peft_scale, reject_unknown, stored_alpha_scale
 
 RULES = [
     (re.compile(r"^(?P<name>.+)\.lora_A\.weight$"), "down"),
@@ -47,13 +47,16 @@ def read_diffusers(tensors: dict[str, torch.Tensor], metadata: dict, path: Path)
     if "lora_adapter_metadata" in metadata:
         try:
             config = json.loads(metadata["lora_adapter_metadata"])
-        except json.JSONDecodeError as e:
-            raise FormatError(path, f"invalid lora_adapter_metadata JSON in safetensors header ({e})") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise FormatError(path, f"invalid lora_adapter_metadata JSON in safetensors header ({e.__class__.__name__})") from None
+        if not isinstance(config, dict):
+            raise FormatError(path, f"lora_adapter_metadata must be a JSON object, not {type(config).__name__}")
+        check_config(config, path)
     if is_legacy(tensors):
-        pairs, unknown = match_keys(tensors, LEGACY_RULES, _legacy_name)
+        pairs, unknown = match_keys(tensors, LEGACY_RULES, _legacy_name, path)
         source_format = "diffusers-legacy"
     else:
-        pairs, unknown = match_keys(tensors, RULES)
+        pairs, unknown = match_keys(tensors, RULES, path=path)
         source_format = "diffusers"
     reject_unknown(path, unknown, "diffusers")
     if not pairs:

@@ -24,7 +24,7 @@ RULES = [
 
 def read_kohya(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> Adapter:
     """Build an :class:`Adapter` from a kohya state dict; any key that is not down/up/alpha is an error."""
-    pairs, unknown = match_keys(tensors, RULES)
+    pairs, unknown = match_keys(tensors, RULES, path=path)
     reject_unknown(path, unknown, "kohya")
     if not pairs:
         raise FormatError(path, "no lora_down/lora_up tensors found")

@@ -10,8 +10,8 @@ import torch
 
 from ..adapter import EMBEDDING, Adapter, LoraModule
 from ..files import save_tensors, write_json
-from ..errors import FormatError
-from .common import build_modules, dtype_name, match_keys, peft_scale, reject_unknown
+from ..errors import FormatError, ShapeError
+from .common import build_modules, dtype_name, match_keys, pattern_value, peft_scale, reject_unknown
 
 PREFIX = "base_model.model."
 RULES = [
@@ -26,7 +26,7 @@ CARRIED_LORA_PARTS = re.compile(r"\.(lora_magnitude_vector(\.weight)?|lora_B\.bi
 
 def read_peft_lora(tensors: dict[str, torch.Tensor], config: dict, path: Path) -> Adapter:
     """Build an :class:`Adapter` from a PEFT LoRA state dict and its config."""
-    pairs, rest = match_keys(tensors, RULES)
+    pairs, rest = match_keys(tensors, RULES, path=path)
     unknown = [k for k in rest if "lora_" in k and not CARRIED_LORA_PARTS.search(k)]
     reject_unknown(path, unknown, "LoRA")
     if not pairs:
@@ -34,6 +34,11 @@ def read_peft_lora(tensors: dict[str, torch.Tensor], config: dict, path: Path) -
     scale_of = peft_scale(config)
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     modules = build_modules(pairs, path, scale_of, fan_in_fan_out)
+    if config.get("r") is not None:
+        for name, m in modules.items():
+            expected = pattern_value(config.get("rank_pattern"), name, config["r"])
+            if m.r != expected:
+                raise ShapeError(path, f"module {name}: its factors have rank {m.r}, the config says r = {expected}")
     return Adapter(
         modules=modules,
         carried={k: tensors[k] for k in rest if k not in unknown},

@@ -82,6 +82,8 @@ def read_vblora(tensors: dict[str, torch.Tensor], config: dict, path: Path) -> A
         a, b = vb.decode(name)
         if a.shape[0] != b.shape[1]:
             raise ShapeError(path, f"module {name}: rank mismatch between logits_A ({a.shape[0]}) and logits_B ({b.shape[1]})")
+        if config.get("r") is not None and a.shape[0] != config["r"]:
+            raise ShapeError(path, f"module {name}: its codes have rank {a.shape[0]}, the config says r = {config['r']}")
         modules[name] = LoraModule(name=name, A=a, B=b, scale=1.0, fan_in_fan_out=bool(config.get("fan_in_fan_out")))
     return Adapter(
         modules=modules,
@@ -100,6 +102,8 @@ def read_vblora(tensors: dict[str, torch.Tensor], config: dict, path: Path) -> A
 
 def _side_code(p: dict, side: str, name: str, vb: VectorBank, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if side in p:
+        if not p[side].is_floating_point() or p[side].dim() != 3:
+            raise FormatError(path, f"module {name}: vblora_logits_{side} must be 3-D floating logits, not {p[side].dtype} {list(p[side].shape)}")
         logits = p[side].float()
         if logits.shape[-1] != vb.num_vectors:
             raise ShapeError(path, f"module {name}: logits_{side} last dim {logits.shape[-1]} != num_vectors {vb.num_vectors}")
@@ -107,12 +111,15 @@ def _side_code(p: dict, side: str, name: str, vb: VectorBank, path: Path) -> tup
         return idx, torch.softmax(top, dim=-1)
     if side + "_topk_indices" not in p or side + "_topk_weights" not in p:
         raise FormatError(path, f"module {name}: vblora_logits_{side} (full or top-k) missing")
-    idx, stored = p[side + "_topk_indices"].long(), p[side + "_topk_weights"]
+    idx, stored = p[side + "_topk_indices"], p[side + "_topk_weights"]
+    if idx.is_floating_point() or idx.dtype == torch.bool or not stored.is_floating_point() or idx.dim() != 3:
+        raise FormatError(path, f"module {name}: top-k indices must be 3-D integers and weights floating, not {idx.dtype}/{stored.dtype}")
+    idx = idx.long()
     if idx.shape[-1] != vb.topk or stored.shape[-1] != vb.topk - 1 or idx.shape[:-1] != stored.shape[:-1]:
         raise ShapeError(path, f"module {name}: top-k tensors of shape {list(idx.shape)}/{list(stored.shape)} do not fit topk={vb.topk}")
     if idx.numel() and (idx.min() < 0 or idx.max() >= vb.num_vectors):
         raise FormatError(path, f"module {name}: top-k index out of range for a bank of {vb.num_vectors} vectors")
-    if (stored.float().sum(-1) > 1 + 1e-6).any():
+    if not torch.isfinite(stored).all() or (stored < 0).any() or (stored.float().sum(-1) > 1 + 1e-6).any():
         raise FormatError(path, f"module {name}: stored top-k weights sum to more than 1")
     return idx, restored_weights(stored)
 

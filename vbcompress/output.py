@@ -1,0 +1,165 @@
+"""Output targets: checked before any work, one writer at a time, written whole or not at all.
+
+A command claims its output first (:func:`claim_output`): the target must be writable, must not be or hold
+or sit inside one of the command's inputs, and an existing non-empty target is replaced only with
+``overwrite`` and only when it is an earlier vbcompress output (it holds ``vbcompress.json`` or
+``collection.json``). The claim takes a lock, so a second run writing the same target fails at once. The
+output is written into a temporary sibling folder and renamed into place at the end; what a killed run
+leaves behind (temp and swap folders named after the target, with a dead process id) is removed by the
+next claim of the same target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import OutputError
+
+MARKERS = ("vbcompress.json", "collection.json")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+class OutputTarget:
+    """A claimed output path: checked, locked, with stale temp folders of earlier runs removed."""
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False, inputs: tuple = ()):
+        self.out = Path(out)
+        self.overwrite = overwrite
+        self.fd: int | None = None
+        out = self.out.absolute()
+        resolved = Path(os.path.realpath(out))
+        for src in inputs:
+            if src is None or not Path(src).exists():
+                continue
+            src = Path(os.path.realpath(src))
+            if _inside(src, resolved):
+                raise OutputError(self.out, "output would overwrite an input (the input is at or inside it)" if src != resolved
+                                  else "output would overwrite the input")  # fmt: skip
+            if _inside(resolved, src):
+                raise OutputError(self.out, f"output would be written inside the input {src} (inputs are never modified)")
+        parent = out.parent
+        for p in (parent, *parent.parents):
+            if p.exists() and not p.is_dir():
+                raise OutputError(self.out, f"cannot create the output: {p} is a file, not a folder")
+        if out.exists() or out.is_symlink():
+            if not out.is_dir() or out.is_symlink():
+                raise OutputError(self.out, "output exists and is not a folder")
+            if any(out.iterdir()):
+                if not overwrite:
+                    raise OutputError(self.out, "output exists and is not empty (use {setting} to replace it)", setting="overwrite")
+                if not any((out / m).is_file() for m in MARKERS):
+                    raise OutputError(self.out, "output exists and is not a vbcompress output (no vbcompress.json): "
+                                      "replacing it would delete files vbcompress did not write; choose another folder")  # fmt: skip
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(self.out, f"cannot create the output folder's parent ({e.strerror})") from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(self.out, f"cannot write in {parent} (permission denied)")
+        self._lock()
+        self._clean_stale()
+
+    @property
+    def _lock_path(self) -> Path:
+        return self.out.absolute().parent / f".{self.out.name}.lock"
+
+    def _lock(self) -> None:
+        try:
+            self.fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise OutputError(self.out, "another vbcompress process is writing this output; wait for it or choose another") from None
+        except OSError as e:
+            raise OutputError(self.out, f"cannot write next to the output ({e.strerror})") from None
+
+    def _clean_stale(self) -> None:
+        pattern = re.compile(rf"^\.{re.escape(self.out.name)}\.(tmp|old)-(\d+)-")
+        for p in self.out.absolute().parent.iterdir():
+            m = pattern.match(p.name)
+            if m and not _pid_alive(int(m[2])):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                self._lock_path.unlink()
+            os.close(self.fd)
+            self.fd = None
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Path]:
+        """Yield a temporary folder next to the target that becomes the target only if the block succeeds."""
+        out = self.out.absolute()
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        except OSError as e:
+            raise OutputError(self.out, f"cannot write next to the output ({e.strerror})") from None
+        try:
+            yield tmp
+            _default_permissions(tmp)
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+                os.replace(out, old / "x")
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if _disk_full(e):
+                raise OutputError(self.out, "no space left on the device; nothing was written") from None
+            raise
+
+
+@contextlib.contextmanager
+def claim_output(out: str | os.PathLike, overwrite: bool = False, inputs: tuple = ()) -> Iterator[OutputTarget]:
+    """Check and lock ``out`` for the duration of a command (see the module docstring)."""
+    target = OutputTarget(out, overwrite, inputs)
+    try:
+        yield target
+    finally:
+        target.release()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: tuple = ()) -> Iterator[Path]:
+    """Claim ``out`` and write it in one step: for commands whose work happens inside the block."""
+    with claim_output(out, overwrite, inputs) as target, target.write() as tmp:
+        yield tmp
+
+
+def _disk_full(error: BaseException) -> bool:
+    """ENOSPC / EDQUOT from Python's own I/O, or as safetensors' Rust writer words it."""
+    text = str(error)
+    return getattr(error, "errno", None) in (28, 122) or "No space left" in text or "StorageFull" in text or "code: 28" in text
+
+
+def _default_permissions(root: Path) -> None:
+    """mkdtemp makes private directories; give the output the modes a plain mkdir/open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for p in root.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)

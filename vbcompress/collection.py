@@ -42,7 +42,7 @@ from .bank.calibrate import calibrate
 from .basemodel import Base
 from .compress import Progress, calibration_texts, fit_settings_for, measure, run_fit
 from .errors import FormatError, OutputError, SettingError, ShapeError, VBCompressError, listed
-from .files import read_json, save_tensors, write_json
+from .files import CAST_DTYPES, read_json, save_tensors, write_json
 from .output import atomic_output_dir, claim_output
 from .formats import load_adapter, weights_in, write_vblora
 from .formats.peft_lora import target_modules_for
@@ -223,7 +223,9 @@ def decoded(indices: torch.Tensor, weights: torch.Tensor, shape: tuple[int, ...]
     return indices.long().reshape(*shape, k), restored_weights(weights.float()).reshape(*shape, k)
 
 
-def index_dtype(num_vectors: int) -> torch.dtype:
+def stored_index_dtype(num_vectors: int) -> torch.dtype:
+    """The smallest integer type for indices below ``num_vectors`` (PEFT's own layout moves to int16 one
+    vector earlier, at N = 256; unpack writes PEFT's)."""
     return torch.uint8 if num_vectors <= 256 else torch.int16 if num_vectors <= 2**15 else torch.int32
 
 
@@ -336,7 +338,7 @@ class Collection:
                     settings = rank_settings or RankSettings()
                     lora, _ = truncate(adapter, rank, settings)
                     write_peft_lora(replace(lora, target_modules=adapter.target_modules, source_format="peft"), target,
-                                    dtype=None if settings.dtype == "keep" else getattr(torch, settings.dtype))  # fmt: skip
+                                    dtype=CAST_DTYPES[settings.dtype])  # fmt: skip
                 else:
                     write_vblora(replace(adapter, modules={}), target)
                 write_json(target / "vbcompress.json", {"collection": str(self.path), **asdict(self.entry(name))})
@@ -431,7 +433,7 @@ def encode_stored(source: Source, bank: torch.Tensor, codes: dict[str, VBCode], 
         a, b = vb.decode(mname)
         modules[mname] = LoraModule(name=mname, A=a, B=b, fan_in_fan_out=m.fan_in_fan_out)
     total, errors, _ = measure(adapter, Adapter(modules=modules, source=source.given, vector_bank=vb))
-    indices = torch.cat(parts_idx).to(index_dtype(bank.shape[0]))
+    indices = torch.cat(parts_idx).to(stored_index_dtype(bank.shape[0]))
     weights = torch.cat(parts_w) if topk > 1 else torch.zeros(indices.shape[0], 0, dtype=torch.float16)
     rank = next(iter(codes.values())).indices_A.shape[0]
     vb_view = Adapter(modules={}, source_format=adapter.source_format, target_modules=adapter.target_modules,

@@ -103,7 +103,7 @@ def family_rows(shared: Path, family: str, names: list[str], tmp: Path) -> None:
               + (f"add {add_time:.1f} s vs solo lora2vb {solo_time[-1]:.1f} s = **{add_time / solo_time[-1]:.2f}×** |" if add_time else "|"), flush=True)  # fmt: skip
 
 
-def synthetic_gemma(path: Path, seed: int, rank: int = 4, layers: int = 18) -> int:
+def synthetic_gemma(path: Path, seed: int, rank: int = 4, layers: int = 18, task_type: str | None = "CAUSAL_LM") -> int:
     """A gemma3-270m-shaped PEFT LoRA with random factors (cost, not fidelity)."""
     gen = torch.Generator().manual_seed(seed)
     modules = {}
@@ -112,7 +112,7 @@ def synthetic_gemma(path: Path, seed: int, rank: int = 4, layers: int = 18) -> i
             name = f"model.layers.{layer}.self_attn.{proj}"
             modules[name] = LoraModule(name=name, A=torch.randn(rank, fan_in, generator=gen) / fan_in**0.5,
                                        B=torch.randn(fan_out, rank, generator=gen) * 0.01, scale=4.0)  # fmt: skip
-    adapter = Adapter(modules=modules, base_model="google/gemma-3-270m-it", task_type="CAUSAL_LM",
+    adapter = Adapter(modules=modules, base_model="google/gemma-3-270m-it", task_type=task_type,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], source_format="peft")  # fmt: skip
     write_peft_lora(adapter, path)
     return sum(m.num_params for m in modules.values())
@@ -180,7 +180,7 @@ def peft_memory(count: int, tmp: Path) -> None:
 
     srcs = []
     for i in range(count):
-        synthetic_gemma(tmp / f"m{i}", 1000 + i)
+        synthetic_gemma(tmp / f"m{i}", 1000 + i, task_type=None)  # a bare skeleton is no causal LM for PEFT
         srcs.append(tmp / f"m{i}")
     coll = pack(srcs, tmp / "mem", FitSettings(num_vectors=2048, vector_length=128, iters=2, refine_steps=10))
     names = coll.names

@@ -150,3 +150,19 @@ def test_sigterm_during_a_run_leaves_nothing_behind(src, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 143
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_an_output_that_does_not_read_back_is_named_not_the_temp_folder(src, tmp_path, monkeypatch):
+    import vbcompress.compress as compress
+
+    real = compress.write_vblora
+
+    def broken_writer(adapter, out, full_logits=False):
+        real(adapter, out, full_logits)
+        (out / "adapter_config.json").write_text("{oops")
+
+    monkeypatch.setattr(compress, "write_vblora", broken_writer)
+    with pytest.raises(OutputError) as error:
+        lora2vb(src, tmp_path / "out", FAST)
+    assert str(error.value).startswith(f"{tmp_path / 'out'}: the output did not read back") and ".tmp-" not in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -210,7 +210,7 @@ def write_compressed(
     written files, re-read, not our in-memory copy."""
     with target.write() as tmp:
         write_vblora(vb_adapter(source, vb, target.out), tmp, full_logits=output.full_logits)
-        written = load_adapter(tmp)
+        written = target.read_back(load_adapter, tmp)
         total, modules, zero = measure(source, written)
         vb_bytes, bank_bytes = written.stored_bytes(), vb.bank.numel() * vb.bank.element_size()
         report = CompressReport(

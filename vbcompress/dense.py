@@ -127,6 +127,6 @@ def _to_lora(src, path: Path, target, rank, settings: RankSettings, format) -> D
     )
     with target.write() as tmp:
         write_peft_lora(lora, tmp, dtype=CAST_DTYPES[settings.dtype])
-        report.bytes_after = load_adapter(tmp).stored_bytes()
+        report.bytes_after = target.read_back(load_adapter, tmp).stored_bytes()
         write_json(tmp / REPORT_FILE, report.to_json())
     return report

@@ -108,6 +108,15 @@ class OutputTarget:
             os.close(self.fd)
             self.fd = None
 
+    def read_back(self, read, tmp: Path):
+        """``read(tmp)`` — re-reading what was just written — with errors naming the output, not the temp folder."""
+        from .errors import VBCompressError
+
+        try:
+            return read(tmp)
+        except VBCompressError as e:
+            raise OutputError(self.out, f"the output did not read back as written ({e.problem}); nothing was written") from None
+
     @contextlib.contextmanager
     def write(self) -> Iterator[Path]:
         """Yield a temporary folder next to the target that becomes the target only if the block succeeds."""

@@ -67,43 +67,6 @@ class Problem:
                 self._groups.append((members, B, A, c, ((B.mT @ B) * (A @ A.mT)).sum((1, 2))))
         return self._groups
 
-    _groups: list | None = field(default=None, repr=False)
-
-    def groups(self) -> list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Modules of one shape together: (members, B' [G, out, r], A' [G, r, in], c [G], ‖B'A'‖² [G]).
-
-        The refine loop evaluates the exact error hundreds of times; a few batched matmuls per shape
-        instead of a dozen small autograd ops per module is what makes it fast (a 7B adapter has 224
-        modules but 7 shapes).
-        """
-        if self._groups is None:
-            by_shape: dict[tuple[int, int, int], list[int]] = {}
-            for i, (b, a) in enumerate(zip(self.B, self.A)):
-                by_shape.setdefault((b.shape[0], a.shape[1], a.shape[0]), []).append(i)
-            self._groups = []
-            for members in by_shape.values():
-                B = torch.stack([self.B[i] for i in members])
-                A = torch.stack([self.A[i] for i in members])
-                c = torch.tensor([self.scales[i] for i in members], dtype=B.dtype, device=B.device)
-                self._groups.append((members, B, A, c, ((B.mT @ B) * (A @ A.mT)).sum((1, 2))))
-        return self._groups
-
-    def factors(self, sub: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(B̂ [out, r], Â [r, in]) of every module from a ``[S, L]`` table of sub-vectors.
-
-        One ``split`` instead of per-module slicing: each slice's backward would allocate a zero tensor
-        the size of the whole table, which is quadratic in the number of modules.
-        """
-        sizes = [n for _, na, nb in self.spans for n in (na, nb)]
-        pieces = sub.split(sizes)
-        out = []
-        for i, a in enumerate(self.A):
-            r = a.shape[0]
-            sub_a, sub_b = pieces[2 * i], pieces[2 * i + 1]
-            b = sub_b.reshape(-1, r, sub.shape[1]).transpose(1, 2).reshape(-1, r)
-            out.append((b, sub_a.reshape(r, -1)))
-        return out
-
 
 def build_problem(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]], length: int, ranks: dict[str, int], device, scales: dict[str, float] | None = None

@@ -55,6 +55,13 @@ def test_no_import_cycles_between_modules():
             visit(m, [])
 
 
+def test_no_module_imports_the_package_root():
+    """The root re-exports the API and imports everything: a module importing it would import itself."""
+    for name, targets in imports().items():
+        if name != "vbcompress":
+            assert "vbcompress" not in targets, f"{name} imports the package root"
+
+
 def test_readers_bank_and_harness_take_local_paths_only():
     for name, targets in imports().items():
         if name.startswith(("vbcompress.formats", "vbcompress.bank", "vbcompress.basemodel")):

@@ -23,9 +23,7 @@ writer.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -41,9 +39,9 @@ from .adapter import Adapter, LoraModule, VBCode, VectorBank
 from .bank.calibrate import calibrate
 from .basemodel import Base
 from .compress import Progress, calibration_texts, fit_settings_for, measure, run_fit
-from .errors import FormatError, OutputError, SettingError, ShapeError, VBCompressError, listed
-from .files import CAST_DTYPES, read_json, save_tensors, write_json
-from .output import atomic_output_dir, claim_output
+from .errors import FormatError, HubError, OutputError, SettingError, ShapeError, VBCompressError, listed
+from .files import CAST_DTYPES, read_json, replace_json, save_tensors, write_json
+from .output import atomic_output_dir, claim_output, exclusive_lock
 from .formats import load_adapter, weights_in, write_vblora
 from .formats.peft_lora import target_modules_for
 from .formats.vblora import compact_weights, restored_weights
@@ -61,6 +59,7 @@ CODES_FILE = "codes.safetensors"
 ADAPTER_FILE = "adapter.json"
 LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
+ERROR_KINDS = (FormatError, HubError, OutputError, SettingError, ShapeError)  # rebuilt by name after a worker
 ENCODING_KNOBS = ("seed", "code_refine_steps", "candidates", "partners", "device")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -376,12 +375,10 @@ class Collection:
 @contextlib.contextmanager
 def locked(root: Path) -> Iterator[None]:
     """Exclusive writer lock on a collection (released by the OS if the process dies)."""
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = exclusive_lock(root / LOCK_FILE)
+    if fd is None:
+        raise OutputError(root, "another vbcompress process is writing this collection (it is locked); try again when it has finished")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputError(root, "another vbcompress process is writing this collection (it is locked); try again when it has finished") from None
         yield
     finally:
         os.close(fd)
@@ -397,18 +394,8 @@ def clean_debris(root: Path, manifest: Manifest) -> list[str]:
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    """Replace the manifest atomically: a reader sees the old one or the new one, never a torn file."""
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + "manifest-", dir=root)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest.to_json(), f, indent=2)  # adapters keep the order they were added in
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace the manifest atomically (adapters keep the order they were added in)."""
+    replace_json(root / MANIFEST, manifest.to_json(), sort_keys=False, prefix=TMP_PREFIX + "manifest-")
 
 
 @dataclass
@@ -560,9 +547,8 @@ class Outcome:
     def error(self) -> VBCompressError | None:
         if self.status != "failed":
             return None
-        from . import errors
-
-        error = VBCompressError.__new__(getattr(errors, self.kind, VBCompressError))
+        kind = next((k for k in ERROR_KINDS if k.__name__ == self.kind), VBCompressError)
+        error = VBCompressError.__new__(kind)
         VBCompressError.__init__(error, self.where, self.problem, self.setting)
         return error
 
@@ -670,10 +656,7 @@ def read_failures(root: Path) -> dict:
 
 
 def write_failures(root: Path, failures: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + "failures-", dir=root)
-    with os.fdopen(fd, "w") as f:
-        json.dump(failures, f, indent=2, sort_keys=True)
-    os.replace(tmp, root / FAILURES_FILE)
+    replace_json(root / FAILURES_FILE, failures, prefix=TMP_PREFIX + "failures-")
 
 
 def add(
@@ -733,7 +716,9 @@ def add(
         if base is not None:
             settings = calibration or CalibrationSettings()
             settings.check()
-            first = load_source(sources[0], names[0] if names else None, token, format)  # the base is checked against it
+            # Load and check the base before any encoding (the first source is read once more for that: small
+            # next to calibration, and a bad base stops the batch at once instead of failing every source).
+            first = load_source(sources[0], names[0] if names else None, token, format)
             calibrate_with = (Base(resolve(base, "base", token=token).path, first.adapter), texts, settings)
         if ray_address:
             outcomes = _run_ray(jobs, bank, ray_address)

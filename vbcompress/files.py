@@ -146,8 +146,26 @@ def read_json(path: str | Path) -> dict:
     return data
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+def write_json(path: Path, data: dict, *, sort_keys: bool = True) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def replace_json(path: Path, data: dict, *, sort_keys: bool = True, prefix: str = ".tmp-") -> None:
+    """Replace ``path`` atomically: written to a synced temp file beside it, then renamed; a reader sees the
+    old file or the new one, never a torn one."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -25,6 +25,18 @@ from .errors import OutputError
 MARKERS = ("vbcompress.json", "collection.json")
 
 
+def exclusive_lock(path: Path) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created if missing): its open descriptor, or None when another
+    process holds it. The OS releases it when the process dies, however it dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -85,14 +97,11 @@ class OutputTarget:
 
     def _lock(self) -> None:
         try:
-            self.fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise OutputError(self.out, "another vbcompress process is writing this output; wait for it or choose another") from None
+            self.fd = exclusive_lock(self._lock_path)
         except OSError as e:
             raise OutputError(self.out, f"cannot write next to the output ({e.strerror})") from None
+        if self.fd is None:
+            raise OutputError(self.out, "another vbcompress process is writing this output; wait for it or choose another")
 
     def _clean_stale(self) -> None:
         pattern = re.compile(rf"^\.{re.escape(self.out.name)}\.(tmp|old)-(\d+)-")

@@ -24,6 +24,14 @@ def setting(default, help: str, *, short: str | None = None, choices: tuple | No
     return field(default=default, metadata={"help": help, "short": short, "choices": choices, "cli": cli})
 
 
+def check_choices(settings) -> None:
+    """Every field declared with ``choices`` holds one of them (the same list the CLI offers)."""
+    for f in fields(settings):
+        choices, value = f.metadata.get("choices"), getattr(settings, f.name)
+        if choices and value not in choices:
+            raise SettingError(f.name, f"{{setting}} must be one of {', '.join(choices)}, not {value!r}")
+
+
 def help_of(cls, name: str) -> str:
     return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
@@ -51,6 +59,7 @@ class FitSettings:
     device: str = setting("auto", "Where the fit and calibration run: auto picks cuda when torch sees one.", choices=DEVICES)
 
     def check(self) -> None:
+        check_choices(self)
         if self.num_vectors < 1:
             raise SettingError("num_vectors", f"{{setting}} must be at least 1, not {self.num_vectors}")
         if self.vector_length is not None and self.vector_length < 1:
@@ -62,10 +71,6 @@ class FitSettings:
         for name in ("iters", "refine_steps", "code_refine_steps"):
             if getattr(self, name) < 0:
                 raise SettingError(name, "{setting} must not be negative")
-        if self.device not in DEVICES:
-            raise SettingError("device", f"{{setting}} must be one of {', '.join(DEVICES)}, not {self.device!r}")
-        if self.init not in INITS:
-            raise SettingError("init", f"{{setting}} must be one of {', '.join(INITS)}, not {self.init!r}")
 
 
 @dataclass(frozen=True)
@@ -76,8 +81,7 @@ class OutputSettings:
     full_logits: bool = setting(False, "Write full logits (trainable further) instead of the compact top-k layout.")
 
     def check(self) -> None:
-        if self.bank_dtype not in BANK_DTYPES:
-            raise SettingError("bank_dtype", f"{{setting}} must be float32 or float16, not {self.bank_dtype!r}")
+        check_choices(self)
 
 
 @dataclass(frozen=True)
@@ -114,10 +118,7 @@ class RankSettings:
     dtype: str = setting("keep", "Dtype of the written factors.", choices=DENSE_DTYPES)
 
     def check(self) -> None:
-        if self.rule not in RANK_RULES:
-            raise SettingError("rule", f"{{setting}} must be one of {', '.join(RANK_RULES)}, not {self.rule!r}")
-        if self.dtype not in DENSE_DTYPES:
-            raise SettingError("dtype", f"{{setting}} must be one of {', '.join(DENSE_DTYPES)}, not {self.dtype!r}")
+        check_choices(self)
 
 
 @dataclass(frozen=True)
@@ -127,5 +128,4 @@ class MergeSettings:
     dtype: str = setting("keep", "Dtype of the merged floating-point weights.", choices=DENSE_DTYPES)
 
     def check(self) -> None:
-        if self.dtype not in DENSE_DTYPES:
-            raise SettingError("dtype", f"{{setting}} must be one of {', '.join(DENSE_DTYPES)}, not {self.dtype!r}")
+        check_choices(self)

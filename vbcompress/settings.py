@@ -46,7 +46,10 @@ class FitSettings:
     )
     topk: int = setting(2, "Bank vectors mixed per sub-vector (k). Codes cost k indices + k−1 float32 weights per sub-vector.", short="-k")
     rank: int | None = setting(None, "Keep the top R singular directions of every module [default: the adapter's rank].", short="-r")
-    iters: int = setting(20, "Alternating assignment / closed-form bank iterations.")
+    iters: int = setting(20, "Alternating assignment / closed-form bank iterations (at most; see tol).")
+    tol: float = setting(
+        1e-3, "Stop alternating when 3 iterations improved the ΔW error by less than this fraction (0: run all iters).", cli=False
+    )
     refine_steps: int = setting(300, "Adam steps on the exact ΔW error after the alternation.")
     code_refine_steps: int = setting(
         50, "Adam steps on the mixture weights when codes are fitted to a frozen bank (add to a collection)."
@@ -68,6 +71,8 @@ class FitSettings:
             raise SettingError("topk", f"{{setting}} {self.topk} must be between 1 and the number of vectors {self.num_vectors}")
         if self.rank is not None and self.rank < 1:
             raise SettingError("rank", f"{{setting}} must be at least 1, not {self.rank}")
+        if not 0 <= self.tol < 1:
+            raise SettingError("tol", f"{{setting}} must be in [0, 1), not {self.tol}")
         for name in ("iters", "refine_steps", "code_refine_steps"):
             if getattr(self, name) < 0:
                 raise SettingError(name, "{setting} must not be negative")

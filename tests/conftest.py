@@ -103,3 +103,52 @@ def outputs_with_delta(fresh, batch, adapter) -> torch.Tensor:
     model.load_state_dict(state)
     with torch.no_grad():
         return model(**batch).last_hidden_state
+
+
+def gemma_dir() -> Path:
+    """Where the Gemma 3 270M base is built and reused (outside the repo); .ci/run uses the same rule."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(os.environ.get("VBCOMPRESS_GEMMA", cache / "vbcompress" / "gemma3-270m"))
+
+
+@pytest.fixture(scope="session")
+def gemma_base() -> Path:
+    """The real causal base (Gemma 3 270M), built once by ../shared/bases/make_gemma3_270m.sh. Locally the
+    Gemma tests skip if it cannot be built; under CI they fail."""
+    import subprocess
+
+    path = gemma_dir()
+    if not (path / "config.json").is_file():
+        script = SHARED / "bases" / "make_gemma3_270m.sh"
+        done = script.is_file() and subprocess.run(["bash", str(script), str(path)], capture_output=True).returncode == 0
+        if not done:
+            if os.environ.get("CI"):
+                pytest.fail(f"the Gemma 3 270M base could not be built into {path} with {script}")
+            pytest.skip(f"the Gemma 3 270M base is not at {path} and could not be built with {script}")
+    return path
+
+
+def tiny_causal_base(root: Path, *, context: int = 32, special: bool = True) -> Path:
+    """A 2-layer GPT-2 with a word-level tokenizer of 96 words (with or without pad/eos/bos) at ``root``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(95)] + ["<unk>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = dict(eos_token="w0", bos_token="w0", pad_token="w0") if special else {}
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **extra).save_pretrained(root)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=context, vocab_size=96)).save_pretrained(root)
+    return root
+
+
+def tiny_causal_lora(base: Path, out: Path) -> Path:
+    """A random rank-4 LoRA on the tiny GPT-2's attention, written by PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(GPT2LMHeadModel.from_pretrained(base), config).save_pretrained(out)
+    return out

@@ -160,6 +160,10 @@ class Adapter:
     def ranks(self) -> list[int]:
         return sorted({m.r for m in self.modules.values()})
 
+    def delta_weights(self) -> dict[str, torch.Tensor]:
+        """Module name → ΔW (scale included) in the layout of the base layer's weight."""
+        return {name: m.delta_weight() for name, m in self.modules.items()}
+
     def stored_bytes(self) -> int:
         """Bytes of the adapter's own weights as stored (bank + codes for VB-LoRA; A and B for LoRA)."""
         if self.vector_bank is not None:

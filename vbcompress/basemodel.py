@@ -6,7 +6,10 @@ It takes local paths only; commands resolve Hub ids before they get here.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,15 +22,28 @@ from .errors import FormatError, ShapeError, VBCompressError, listed
 
 @dataclass
 class Retention:
-    """How much of an adapter's effect a candidate keeps on some inputs.
+    """How much of an adapter's effect a candidate keeps on some inputs, against the reference ("teacher").
 
-    ``effect_retention = 1 − ‖f_cand − f_ref‖ / ‖f_ref − f_base‖`` over mean-pooled outputs ``f``
-    (None when the reference has no effect), and the mean cosine of ``f_cand`` with ``f_ref``.
+    Encoders: ``effect_retention = 1 − ‖f_cand − f_ref‖ / ‖f_ref − f_base‖`` over mean-pooled hidden
+    states ``f`` (None when the reference has no effect), and the mean cosine of ``f_cand`` with ``f_ref``.
+
+    Causal LMs, per next-token distribution over every real token: ``kl_retention = 1 − KL(ref‖cand) /
+    KL(ref‖base)``, ``top1_agreement`` (share of tokens where cand's most likely next token is ref's) and the
+    ``perplexity`` of base, ref ("teacher") and cand on the text itself. Pooled fields are None there.
     """
 
     effect_retention: float | None
-    mean_cosine: float
+    mean_cosine: float | None
     samples: int
+    kl_retention: float | None = None
+    top1_agreement: float | None = None
+    perplexity: dict[str, float] | None = None  # {"base", "teacher", "candidate"}
+    tokens: int | None = None
+
+    @property
+    def headline(self) -> float | None:
+        """The number to quote: KL retention for causal LMs, pooled effect retention otherwise."""
+        return self.kl_retention if self.kl_retention is not None else self.effect_retention
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -35,8 +51,15 @@ def read_texts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FormatError(path, "no such file")
+    raw = path.read_bytes()
+    try:
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(path, f"not UTF-8 text (a binary file?): byte {e.start} cannot be read as text") from None
     texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for n, line in enumerate(content.splitlines(), 1):
         line = line.strip()
         if not line:
             continue
@@ -52,9 +75,14 @@ def read_texts(path: str | Path) -> list[str]:
 
 
 class Base:
-    """A transformers model (a local directory) and its tokenizer, with the adapter's layers located."""
+    """A transformers model (a local directory) and its tokenizer, with the adapter's layers located.
 
-    def __init__(self, base: str | Path, adapter: Adapter):
+    For causal LMs the harness works on the final hidden states and forms logits itself, chunk by chunk
+    and only where a loss needs them (:meth:`logits`, :meth:`logits_at`): a 262k-token vocabulary makes
+    a [batch, tokens, vocabulary] tensor a gigabyte per sixteen 64-token texts.
+    """
+
+    def __init__(self, base: str | Path, adapter: Adapter, device: str = "cpu"):
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         base = Path(base)
@@ -68,14 +96,23 @@ class Base:
             self.tokenizer = AutoTokenizer.from_pretrained(str(base))
         except (OSError, ValueError) as e:
             raise VBCompressError(base, f"cannot load the base model ({str(e).splitlines()[0][:160]})") from None
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            if tok.eos_token is None:
+                raise FormatError(base, "the tokenizer has neither a pad nor an eos token, so texts cannot be batched")
+            tok.pad_token = tok.eos_token
+        self.device = torch.device(device)
+        self.model.to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.base = base
+        text_config = getattr(config, "text_config", None) or config
+        self.context: int | None = getattr(text_config, "max_position_embeddings", None)
         self.params = dict(self.model.named_parameters())
         self.weights: dict[str, str] = {}
         self.check(adapter)
+        if self.causal:
+            self._setup_head(text_config)
 
     def check(self, adapter: Adapter) -> None:
         """Locate every adapter module as a linear layer of matching shape; one error listing all misfits."""
@@ -100,61 +137,186 @@ class Base:
         if problems:
             raise ShapeError(self.base, f"base model does not fit the adapter: {listed(problems, 5, '; ')}")
 
-    def encode(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-        return self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    def _setup_head(self, text_config) -> None:
+        """Find the final hidden states and the output head, and prove that ``logits(hidden)`` equals the
+        model's own logits (else fall back to the model's full logits: exact, just larger)."""
+        self.head = self.model.get_output_embeddings()
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        self._captured: list[torch.Tensor] = []
+        self._hidden_ok = False
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        if decoder is None or decoder is self.model or self.head is None:
+            return
+        decoder.register_forward_hook(lambda _m, _i, out: self._captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
+        self._keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._hidden_ok = True
+        with torch.no_grad():
+            batch = self.encode(["The quick brown fox jumps over the lazy dog."], 16)
+            full = torch.func.functional_call(self.model, {}, args=(), kwargs=dict(batch), strict=False).logits[0]
+            mine = self.logits(self.hidden(batch, None)[0])
+        self._hidden_ok = torch.allclose(mine, full, rtol=1e-4, atol=1e-3 * float(full.abs().max()))
 
-    def forward(self, batch: dict, deltas: dict[str, torch.Tensor] | None) -> torch.Tensor:
-        """Outputs with ``deltas`` (module → ΔW in the weight's layout) added to the base weights."""
-        overrides = {self.weights[n]: self.params[self.weights[n]] + d for n, d in (deltas or {}).items()}
-        out = torch.func.functional_call(self.model, overrides, args=(), kwargs=dict(batch), strict=False)
+    def encode(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def forward(self, batch: dict, deltas: dict[str, torch.Tensor] | None, **kwargs) -> torch.Tensor:
+        """Outputs with ``deltas`` (module → ΔW in the weight's layout) added to the base weights: logits
+        for causal LMs, last hidden states otherwise."""
+        out = self._call(batch, deltas, **kwargs)
         return out.logits if self.causal else out.last_hidden_state
 
-    def data_free_texts(self, n: int, gen: torch.Generator, length: int) -> list[str]:
-        """Calibration text without data: random vocabulary for encoders, samples of the base for LMs."""
+    def _call(self, batch: dict, deltas: dict[str, torch.Tensor] | None, **kwargs):
+        overrides = {self.weights[n]: self.params[self.weights[n]] + d for n, d in (deltas or {}).items()}
+        return torch.func.functional_call(self.model, overrides, args=(), kwargs={**batch, **kwargs}, strict=False)
+
+    def hidden(self, batch: dict, deltas: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """Causal LMs: final hidden states ``[batch, tokens, d]`` (the head's input), without forming logits."""
+        if not self._hidden_ok:
+            return self.forward(batch, deltas)  # "hidden" = logits; self.logits() is then the identity
+        self._captured.clear()
+        self._call(batch, deltas, **({"logits_to_keep": 1} if self._keep else {}))
+        return self._captured.pop()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits of hidden states from :meth:`hidden` (``[..., d] → [..., V]``)."""
+        if not self._hidden_ok:
+            return h
+        return self._cap(self.head(h))
+
+    def logits_at(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden states ``h: [T, d]`` for the tokens ``ids: [T, K]`` only (``[T, K]``)."""
+        if not self._hidden_ok:
+            return h.gather(-1, ids)
+        out = torch.einsum("td,tkd->tk", h, self.head.weight[ids])
+        if getattr(self.head, "bias", None) is not None:
+            out = out + self.head.bias[ids]
+        return self._cap(out)
+
+    def _cap(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
+    def check_length(self, texts: list[str], where: str | Path, max_length: int) -> None:
+        """Calibration or evaluation text that the model cannot read: a line longer than its context, or a
+        ``max_length`` beyond it. One error, naming the line, before any training."""
+        if self.context is None:
+            return
+        if max_length > self.context:
+            raise VBCompressError(where, f"max_length {max_length} is longer than the model's context of {self.context} tokens")
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]] if texts else []
+        long = [(i, n) for i, n in enumerate(lengths) if n > self.context]
+        if long:
+            i, n = long[0]
+            more = f" (and {len(long) - 1} more)" if len(long) > 1 else ""
+            raise FormatError(where, f"sample {i + 1} is {n} tokens, longer than the model's context of {self.context}{more}")
+
+    @contextlib.contextmanager
+    def applied(self, deltas: dict[str, torch.Tensor]):
+        """The model with ``deltas`` added to its weights in place (for ``generate``); restored after."""
+        saved = {n: self.params[self.weights[n]].detach().clone() for n in deltas}
+        try:
+            with torch.no_grad():
+                for n, d in deltas.items():
+                    self.params[self.weights[n]].add_(d.to(self.device))
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for n, w in saved.items():
+                    self.params[self.weights[n]].copy_(w)
+
+    def data_free_texts(self, n: int, gen: torch.Generator, length: int, teacher: dict[str, torch.Tensor] | None = None) -> list[str]:
+        """Calibration text without data: random vocabulary for encoders; for causal LMs, samples of the
+        model with ``teacher`` applied (the adapter's own distribution), or of the bare base."""
         tok = self.tokenizer
         if self.causal:
-            start = torch.full((n, 1), tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id)
+            start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+            if start_id is None:
+                raise FormatError(self.base, "the tokenizer has neither a bos nor an eos token to start samples from")
+            start = torch.full((n, 1), start_id, device=self.device)
             torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
-            with torch.no_grad():
-                ids = self.model.generate(start, do_sample=True, max_new_tokens=length, pad_token_id=tok.pad_token_id)
-            return tok.batch_decode(ids, skip_special_tokens=True)
+            texts = []
+            with self.applied(teacher or {}) as model, torch.no_grad():
+                for i in range(0, n, 64):  # bounded memory: a [64, vocabulary] row of logits per step
+                    ids = model.generate(start[i : i + 64], do_sample=True, max_new_tokens=length, pad_token_id=tok.pad_token_id)
+                    texts += tok.batch_decode(ids, skip_special_tokens=True)
+            return texts
         special = set(tok.all_special_ids)
         vocab = torch.tensor([i for i in range(len(tok)) if i not in special])
         ids = vocab[torch.randint(len(vocab), (n, length), generator=gen)]
         return tok.batch_decode(ids)
 
 
+# Token positions per chunk when full-vocabulary logits are formed (64 × 262k × 4 B = 67 MB for Gemma 3).
+CHUNK_TOKENS = 64
+
+
+def real_positions(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[batch, tokens, ...] → [real tokens, ...]``: padding never enters a loss or a metric."""
+    return h[mask.bool()]
+
+
 def effect_distance(base: Base, student: torch.Tensor, teacher: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(squared distance student↔teacher, squared size of the adapter's effect), over real tokens."""
+    """Encoders: (squared distance student↔teacher, squared size of the adapter's effect), over real tokens
+    of last hidden states. (Causal LMs: see :mod:`vbcompress.bank.calibrate`'s KL targets.)"""
     m = mask[..., None].to(student.dtype)
-    if base.causal:
-        # next-token distributions: KL(teacher ‖ student), effect = KL(teacher ‖ base)
-        t = torch.log_softmax(teacher, -1)
-        kl_s = (t.exp() * (t - torch.log_softmax(student, -1))).sum(-1, keepdim=True)
-        kl_b = (t.exp() * (t - torch.log_softmax(plain, -1))).sum(-1, keepdim=True)
-        return (kl_s * m).sum(), (kl_b * m).sum()
     return ((student - teacher).square() * m).sum(), ((teacher - plain).square() * m).sum()
 
 
 def pooled(out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens (sentence embeddings for encoders; mean next-token logits for LMs)."""
+    """Mean over real tokens (sentence embeddings for encoders)."""
     m = mask[..., None].to(out.dtype)
     return (out * m).sum(1) / m.sum(1)
 
 
 def retention(base: Base, texts: list[str], ref: dict, cand: dict, max_length: int, batch_size: int = 32) -> Retention:
-    """Effect retention ``1 − ‖f_cand − f_ref‖ / ‖f_ref − f_base‖`` and mean cosine(f_cand, f_ref).
-
-    ``f`` are mean-pooled outputs per input; ``ref``/``cand`` map module → ΔW.
-    """
+    """What ``cand`` (module → ΔW) keeps of ``ref``'s effect on ``texts``: see :class:`Retention`."""
+    if base.causal:
+        return lm_retention(base, texts, ref, cand, max_length, batch_size)
     outs = {"base": [], "ref": [], "cand": []}
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
             batch = base.encode(texts[i : i + batch_size], max_length)
             for key, deltas in (("base", None), ("ref", ref), ("cand", cand)):
-                outs[key].append(pooled(base.forward(batch, deltas), batch["attention_mask"]))
+                outs[key].append(pooled(base.forward(batch, deltas), batch["attention_mask"]).cpu())
     f = {k: torch.cat(v) for k, v in outs.items()}
     effect = (f["ref"] - f["base"]).norm()
     gap = (f["cand"] - f["ref"]).norm()
     cos = torch.nn.functional.cosine_similarity(f["cand"], f["ref"], dim=-1).mean()
     return Retention(effect_retention=float(1 - gap / effect) if effect > 0 else None, mean_cosine=float(cos), samples=len(texts))
+
+
+def lm_retention(base: Base, texts: list[str], ref: dict, cand: dict, max_length: int, batch_size: int = 16) -> Retention:
+    """Causal LMs: KL retention, top-1 agreement and perplexities over every real token of ``texts``,
+    with logits formed :data:`CHUNK_TOKENS` positions at a time."""
+    kl_cand = kl_base = agree = tokens = 0.0
+    nll = {"base": 0.0, "teacher": 0.0, "candidate": 0.0}
+    predicted = 0
+    # by token length: sums do not depend on the order, and similar lengths waste little on padding
+    texts = sorted(texts, key=lambda t: len(base.tokenizer(t)["input_ids"]))
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            batch = base.encode(texts[i : i + batch_size], max_length)
+            mask = batch["attention_mask"]
+            # the token each position predicts, where that next token is real text
+            nxt = torch.cat([batch["input_ids"][:, 1:], batch["input_ids"][:, :1]], 1)
+            has_next = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1).bool() & mask.bool()
+            hs = {k: real_positions(base.hidden(batch, d), mask) for k, d in (("base", None), ("teacher", ref), ("candidate", cand))}
+            target, valid = real_positions(nxt, mask), real_positions(has_next, mask)
+            for c in range(0, len(target), CHUNK_TOKENS):
+                lp = {k: torch.log_softmax(base.logits(h[c : c + CHUNK_TOKENS]), -1) for k, h in hs.items()}
+                t = lp["teacher"]
+                kl_cand += float((t.exp() * (t - lp["candidate"])).sum())
+                kl_base += float((t.exp() * (t - lp["base"])).sum())
+                agree += float((t.argmax(-1) == lp["candidate"].argmax(-1)).sum())
+                tg, ok = target[c : c + CHUNK_TOKENS], valid[c : c + CHUNK_TOKENS]
+                for k in nll:
+                    nll[k] -= float(lp[k].gather(1, tg[:, None])[:, 0][ok].sum())
+                predicted += int(ok.sum())
+            tokens += len(target)
+    return Retention(
+        effect_retention=None, mean_cosine=None, samples=len(texts),
+        kl_retention=1 - kl_cand / kl_base if kl_base > 0 else None,
+        top1_agreement=agree / tokens if tokens else None,
+        perplexity={k: math.exp(v / predicted) for k, v in nll.items()} if predicted else None,
+        tokens=int(tokens),
+    )  # fmt: skip

@@ -62,8 +62,9 @@ def model_card(
     ]
     cal = report.calibration
     if cal and cal.retention_after and cal.retention_before:
-        before, after = cal.retention_before.effect_retention, cal.retention_after.effect_retention
-        rows.append(("Effect retention", f"{fmt_error(before, '.3f')} (weight fit) → {fmt_error(after, '.3f')} (calibrated), on {cal.heldout_samples} held-out inputs ({cal.data})"))
+        before, after = cal.retention_before.headline, cal.retention_after.headline
+        what = "KL retention (next-token distributions)" if cal.retention_after.kl_retention is not None else "Effect retention"
+        rows.append((what, f"{fmt_error(before, '.3f')} (weight fit) → {fmt_error(after, '.3f')} (calibrated), on {cal.heldout_samples} held-out inputs ({cal.data})"))
     if b.carried:
         rows.append(("Carried", f"{fmt_bytes(b.carried)} of non-LoRA tensors (heads), as they were"))
     verdict = (

@@ -238,8 +238,13 @@ def print_lora2vb_report(report, out: str) -> None:
     cal = report.calibration
     if cal and cal.retention_after and cal.retention_before:
         before, after = cal.retention_before, cal.retention_after
-        click.echo(f"calibrated on {cal.samples - cal.heldout_samples} samples ({cal.data}); on {cal.heldout_samples} held-out: "
-                   f"effect retention {fmt_num(before.effect_retention, '.3f')} → {fmt_num(after.effect_retention, '.3f')}, cosine {after.mean_cosine:.4f}")
+        if after.kl_retention is not None:
+            kept = (f"KL retention {fmt_num(before.kl_retention, '.3f')} → {fmt_num(after.kl_retention, '.3f')}, "
+                    f"top-1 agreement {fmt_num(after.top1_agreement, '.3f')}")  # fmt: skip
+        else:
+            kept = f"effect retention {fmt_num(before.effect_retention, '.3f')} → {fmt_num(after.effect_retention, '.3f')}, cosine {fmt_num(after.mean_cosine, '.4f')}"
+        click.echo(f"calibrated on {cal.samples - cal.heldout_samples} samples ({cal.data}) in {fmt_num(cal.seconds, '.0f')} s; "
+                   f"on {cal.heldout_samples} held-out: {kept}")
     if report.svd_keeps_more:
         click.echo("note: plain SVD truncation keeps more of this adapter at this size (try `--rank`, a larger N, or calibration).")
 
@@ -304,7 +309,12 @@ def eval_cmd(ref: str, cand: str, base: str | None, data: str | None, token: str
     click.echo(f"\ntotal ΔW error: {fmt_num(d.total_rel_error, '.4f')}")
     if result.function is not None:
         f = result.function
-        click.echo(f"effect retention: {fmt_num(f.effect_retention, '.4f')}   mean cosine: {f.mean_cosine:.4f}   ({f.samples} inputs)")
+        if f.kl_retention is not None or f.perplexity is not None:
+            ppl = f.perplexity or {}
+            click.echo(f"KL retention: {fmt_num(f.kl_retention, '.4f')}   top-1 agreement: {fmt_num(f.top1_agreement, '.4f')}   ({f.samples} inputs, {f.tokens} tokens)")
+            click.echo("perplexity: " + "   ".join(f"{k} {fmt_num(v, '.2f')}" for k, v in ppl.items()))
+        else:
+            click.echo(f"effect retention: {fmt_num(f.effect_retention, '.4f')}   mean cosine: {fmt_num(f.mean_cosine, '.4f')}   ({f.samples} inputs)")
     ratio = f"{s.ratio_vs_ref_fp16:.1%}" if s.ratio_vs_ref_fp16 is not None else "-"
     click.echo(f"size: REF {fmt_bytes(s.ref_bytes)} stored ({fmt_bytes(s.ref_fp16_bytes)} at fp16), CAND {fmt_bytes(s.cand_bytes)} = {ratio} of REF at fp16")
 

@@ -38,7 +38,7 @@ from safetensors import safe_open
 from .adapter import Adapter, LoraModule, VBCode, VectorBank
 from .bank.calibrate import calibrate
 from .basemodel import Base
-from .compress import Progress, calibration_texts, fit_settings_for, measure, run_fit
+from .compress import Progress, calibration_texts, fit_settings_for, measure, resolve_device, run_fit
 from .errors import FormatError, HubError, OutputError, SettingError, ShapeError, VBCompressError, listed
 from .files import CAST_DTYPES, read_json, replace_json, save_tensors, write_json
 from .output import atomic_output_dir, claim_output, exclusive_lock
@@ -594,7 +594,7 @@ def encode(job: Job, bank: torch.Tensor, progress: Progress | None = None, calib
         if calibrate_with is not None:
             model, texts, settings = calibrate_with
             model.check(s.adapter)
-            inputs, _ = calibration_texts(model, texts, settings, run.seed)
+            inputs, _ = calibration_texts(model, texts, settings, run.seed, teacher=s.adapter.delta_weights())
             vb, _ = calibrate(s.adapter, VectorBank(bank=bank, topk=run.topk, codes=codes), model, inputs, settings,
                               seed=run.seed, progress=progress, freeze_bank=True)  # fmt: skip
             codes = vb.codes
@@ -719,7 +719,7 @@ def add(
             # Load and check the base before any encoding (the first source is read once more for that: small
             # next to calibration, and a bad base stops the batch at once instead of failing every source).
             first = load_source(sources[0], names[0] if names else None, token, format)
-            calibrate_with = (Base(resolve(base, "base", token=token).path, first.adapter), texts, settings)
+            calibrate_with = (Base(resolve(base, "base", token=token).path, first.adapter, device=resolve_device(run.device)), texts, settings)
         if ray_address:
             outcomes = _run_ray(jobs, bank, ray_address)
         elif workers > 1:

@@ -99,12 +99,20 @@ def fit_stages(fit: FitResult) -> FitStages:
     return FitStages(seed=first, alternate=min((e for s, e in fit.history if s == "alternate"), default=first), refine=fit.rel_error)
 
 
-def calibration_texts(model: Base, texts_file: str | Path | None, settings: CalibrationSettings, seed: int) -> tuple[list[str], str]:
-    """The calibration inputs and a label for the report: the file's lines, or data-free inputs."""
+def calibration_texts(
+    model: Base, texts_file: str | Path | None, settings: CalibrationSettings, seed: int, teacher: dict[str, torch.Tensor] | None = None
+) -> tuple[list[str], str]:
+    """The calibration inputs and a label for the report: the file's lines (checked against the model's
+    context), or data-free inputs (for causal LMs sampled from the base with ``teacher`` ΔW applied)."""
     if texts_file is not None:
-        return read_texts(texts_file), "file"
-    texts = model.data_free_texts(settings.samples, torch.Generator().manual_seed(seed), settings.max_length // 2)
-    return texts, "data-free: " + ("samples of the base model" if model.causal else "random vocabulary")
+        texts = read_texts(texts_file)
+        model.check_length(texts, texts_file, settings.max_length)
+        return texts, "file"
+    model.check_length([], model.base, settings.max_length)
+    texts = model.data_free_texts(settings.samples, torch.Generator().manual_seed(seed), settings.max_length // 2, teacher if model.causal else None)
+    if not model.causal:
+        return texts, "data-free: random vocabulary"
+    return texts, "data-free: samples of the base with the adapter" if teacher else "data-free: samples of the base model"
 
 
 def lora2vb(
@@ -148,14 +156,14 @@ def _lora2vb(src, got, target: OutputTarget, fit, output, base_path, base, calib
     if base is not None:  # load and check the base before any training
         calibration = calibration or CalibrationSettings()
         calibration.check()
-        model, base_label = Base(base_path, source), str(base)
+        model, base_label = Base(base_path, source, device=fit.device), str(base)
+        inputs, label = calibration_texts(model, texts, calibration, fit.seed, teacher=source.delta_weights())
     elif texts is not None:
         raise SettingError("texts", "calibration text ({setting}) needs a base model", where=texts)
     factors = {name: m.folded() for name, m in source.modules.items()}
     result = run_fit(factors, fit, progress)
     fitted, calib_report = VectorBank(bank=result.bank, topk=fit.topk, codes=result.codes), None
     if model is not None:
-        inputs, label = calibration_texts(model, texts, calibration, fit.seed)
         fitted, calib_report = calibrate(source, fitted, model, inputs, calibration, seed=fit.seed, progress=progress)
         calib_report = replace(calib_report, base=base_label, data=label, calibration_file=str(texts) if texts else None)
     vb = VectorBank(

@@ -46,7 +46,7 @@ def evaluate(
     if base is not None:
         model = Base(resolve(base, "base", token=token).path, reference)
         model.check(candidate)
-        ref_d = {n: m.delta_weight() for n, m in reference.modules.items()}
-        cand_d = {n: m.delta_weight() for n, m in candidate.modules.items()}
-        report.function = retention(model, read_texts(data), ref_d, cand_d, max_length)
+        texts = read_texts(data)
+        model.check_length(texts, data, max_length)
+        report.function = retention(model, texts, reference.delta_weights(), candidate.delta_weights(), max_length)
     return report

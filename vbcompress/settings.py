@@ -101,12 +101,18 @@ class CalibrationSettings:
     batch_size: int = setting(16, "Texts per calibration batch.", cli=False)
     max_length: int = setting(64, "Tokens per calibration text (longer texts are cut).", cli=False)
     heldout: float = setting(0.125, "Share of samples kept out of training to report retention honestly.", cli=False)
+    teacher_topk: int = setting(
+        64, "Causal LMs: train on the teacher's top K next tokens per position (memory flat in the vocabulary); 0 = exact KL."
+    )
 
     def check(self) -> None:
         if self.steps < 0 or self.samples < 1:
             raise SettingError("steps" if self.steps < 0 else "samples", "{setting} must be positive")
         if not self.lr > 0:
             raise SettingError("lr", f"{{setting}} must be positive, not {self.lr}")
+        if self.teacher_topk < 0 or self.batch_size < 1 or self.max_length < 2:
+            name = "teacher_topk" if self.teacher_topk < 0 else "batch_size" if self.batch_size < 1 else "max_length"
+            raise SettingError(name, f"{{setting}} {getattr(self, name)} is out of range")
 
 
 @dataclass(frozen=True)

@@ -5,19 +5,29 @@ bank decodes to. Bank and full logits are trained as VB-LoRA trains them (top-k 
 starting from the weight-space fit, so that the student's outputs match the teacher's: hidden states (MSE)
 for encoders, next-token distributions (KL) for causal LMs. The loss is divided by the size of the
 adapter's own effect on the batch, which makes it a direct proxy for 1 − effect retention.
+
+Memory does not grow with the vocabulary or the number of samples. For causal LMs the teacher's
+next-token distribution is kept per token as its top ``teacher_topk`` tokens only, computed once per
+batch, and the loss is the KL divergence between teacher and student renormalized over those tokens: the
+student's logits are formed for those K tokens alone (a [tokens, K] gather of the output head, not a
+[tokens, vocabulary] product). ``teacher_topk=0`` trains on the exact KL instead, recomputing the
+teacher every step and forming full logits a chunk of tokens at a time (checkpointed); README measures
+what the sparse target costs in held-out retention against it.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..adapter import Adapter, VBCode, VectorBank
-from ..basemodel import Base, Retention, effect_distance, retention
+from ..basemodel import CHUNK_TOKENS, Base, Retention, effect_distance, real_positions, retention
 from ..settings import CalibrationSettings
 from .fit import Mix
 
@@ -33,7 +43,7 @@ class CalibrationReport:
     max_length: int
     lr: float
     seed: int
-    objective: str  # "KL" (causal LMs) or "MSE" (hidden states)
+    objective: str  # "KL", "top-K KL" (causal LMs) or "MSE" (hidden states)
     retention_before: Retention | None
     retention_after: Retention | None
     first_loss: float | None
@@ -42,6 +52,9 @@ class CalibrationReport:
     data: str | None = None
     calibration_file: str | None = None
     frozen_bank: bool = False
+    teacher_topk: int | None = None  # causal LMs: tokens per position in the teacher target (0: exact KL)
+    seconds: float | None = None
+    device: str = "cpu"
 
 
 class BankModel(nn.Module):
@@ -89,6 +102,83 @@ class BankModel(nn.Module):
             return VectorBank(bank=self.bank.detach().clone(), topk=self.topk, codes=codes)
 
 
+class HiddenMSE:
+    """Encoders: squared distance of last hidden states to the teacher's, over the adapter's own effect."""
+
+    def __init__(self, base: Base, teacher: dict[str, torch.Tensor]):
+        self.base, self.teacher = base, teacher
+        self.name = "MSE"
+
+    def target(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base.forward(batch, self.teacher), self.base.forward(batch, None)
+
+    def loss(self, batch: dict, target, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        gap, effect = effect_distance(self.base, self.base.forward(batch, deltas), *target, batch["attention_mask"])
+        return gap / effect.clamp_min(1e-12)
+
+
+class TokenKL:
+    """Causal LMs: KL(teacher ‖ student) of next-token distributions over real tokens, divided by KL(teacher ‖ base).
+
+    ``topk > 0``: per token, the teacher's top-k tokens and their log-probabilities renormalized over
+    them (k × 12 bytes a token); student and base are compared on those tokens only. ``topk == 0``:
+    the exact KL, the teacher recomputed every step (one more forward pass, no stored targets).
+    """
+
+    def __init__(self, base: Base, teacher: dict[str, torch.Tensor], topk: int):
+        self.base, self.teacher, self.topk = base, teacher, topk
+        self.name = f"top-{topk} KL" if topk else "KL"
+
+    def target(self, batch: dict):
+        mask = batch["attention_mask"]
+        h_t = real_positions(self.base.hidden(batch, self.teacher), mask)
+        h_b = real_positions(self.base.hidden(batch, None), mask)
+        ids, logp, effect = [], [], 0.0
+        for c in range(0, len(h_t), CHUNK_TOKENS):
+            t = torch.log_softmax(self.base.logits(h_t[c : c + CHUNK_TOKENS]), -1)
+            if self.topk:
+                top = t.topk(min(self.topk, t.shape[-1]), -1)
+                lp = torch.log_softmax(top.values, -1)
+                lb = torch.log_softmax(self.base.logits_at(h_b[c : c + CHUNK_TOKENS], top.indices), -1)
+                ids.append(top.indices)
+                logp.append(lp)
+                effect += float((lp.exp() * (lp - lb)).sum())
+            else:
+                lb = torch.log_softmax(self.base.logits(h_b[c : c + CHUNK_TOKENS]), -1)
+                effect += float((t.exp() * (t - lb)).sum())
+        if self.topk:
+            return torch.cat(ids), torch.cat(logp), effect
+        return None, None, effect
+
+    def loss(self, batch: dict, target, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, logp, effect = target
+        h_s = real_positions(self.base.hidden(batch, deltas), batch["attention_mask"])
+        if self.topk:
+            ls = torch.log_softmax(self.base.logits_at(h_s, ids), -1)
+            gap = (logp.exp() * (logp - ls)).sum()
+        else:
+            with torch.no_grad():
+                h_t = real_positions(self.base.hidden(batch, self.teacher), batch["attention_mask"])
+            gap = h_s.new_zeros(())
+            for c in range(0, len(h_s), CHUNK_TOKENS):
+                # checkpointed: a chunk's [tokens, vocabulary] logits live only while that chunk is computed
+                gap = gap + checkpoint(self._exact_kl, h_s[c : c + CHUNK_TOKENS], h_t[c : c + CHUNK_TOKENS], use_reentrant=False)
+        return gap / max(effect, 1e-12)
+
+    def _exact_kl(self, h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
+        t = torch.log_softmax(self.base.logits(h_t), -1)
+        return (t.exp() * (t - torch.log_softmax(self.base.logits(h_s), -1))).sum()
+
+
+def length_batches(base: Base, texts: list[str], batch_size: int, gen: torch.Generator) -> list[list[str]]:
+    """Texts of similar token length batched together, the batches in a seeded random order: a batch costs
+    its longest text times its size, so bucketing by length cuts the padding a random batch pays for."""
+    lengths = [len(ids) for ids in base.tokenizer(texts)["input_ids"]] if texts else []
+    ranked = [texts[i] for i in sorted(range(len(texts)), key=lambda i: (lengths[i], i))]
+    chunks = [ranked[i : i + batch_size] for i in range(0, len(ranked), batch_size)]
+    return [chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()]
+
+
 def calibrate(
     source: Adapter,
     vb: VectorBank,
@@ -102,16 +192,19 @@ def calibrate(
     """Train ``vb`` so that base + bank reproduces base + ``source`` on ``texts``; returns the bank and a report.
 
     A held-out share of ``texts`` is never trained on; retention before/after is measured on it. With
-    ``freeze_bank`` only the logits train (a bank that other adapters share must not move).
+    ``freeze_bank`` only the logits train (a bank that other adapters share must not move). Runs on
+    ``base.device``.
     """
+    start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     order = torch.randperm(len(texts), generator=gen).tolist()
     texts = [texts[i] for i in order][: settings.samples]
     n_held = max(1, round(len(texts) * settings.heldout)) if len(texts) > 1 else 0
     held, train = texts[:n_held], texts[n_held:] or texts
-    teacher = {n: m.delta_weight() for n, m in source.modules.items()}
-    model = BankModel(vb, source)
+    device = base.device
+    teacher = {n: d.to(device) for n, d in source.delta_weights().items()}
+    model = BankModel(vb, source).to(device)
     model.bank.requires_grad_(not freeze_bank)
     with torch.no_grad():
         before = retention(base, held, teacher, model.deltas(), settings.max_length) if held else None
@@ -121,15 +214,14 @@ def calibrate(
         groups.append({"params": [model.bank], "lr": settings.lr * scale})
     opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, settings.steps))
-    batches = [base.encode(train[i : i + settings.batch_size], settings.max_length) for i in range(0, len(train), settings.batch_size)]
+    objective = TokenKL(base, teacher, settings.teacher_topk) if base.causal else HiddenMSE(base, teacher)
+    batches = [base.encode(chunk, settings.max_length) for chunk in length_batches(base, train, settings.batch_size, gen)]
     with torch.no_grad():
-        targets = [(base.forward(b, teacher), base.forward(b, None)) for b in batches]
+        targets = [objective.target(b) for b in batches]
     losses = []
     for step in range(settings.steps):
         i = step % len(batches)
-        student = base.forward(batches[i], model.deltas())
-        gap, effect = effect_distance(base, student, *targets[i], batches[i]["attention_mask"])
-        loss = gap / effect.clamp_min(1e-12)
+        loss = objective.loss(batches[i], targets[i], model.deltas())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -139,11 +231,13 @@ def calibrate(
             progress("calibrate", step + 1, settings.steps, math.sqrt(max(losses[-1], 0.0)))
     result = model.vector_bank()
     with torch.no_grad():
-        after = retention(base, held, teacher, BankModel(result, source).deltas(), settings.max_length) if held else None
+        after = retention(base, held, teacher, BankModel(result, source).to(device).deltas(), settings.max_length) if held else None
+    result = VectorBank(bank=result.bank.cpu(), topk=result.topk, codes={n: VBCode(**{k: t.cpu() for k, t in vars(c).items()}) for n, c in result.codes.items()})
     report = CalibrationReport(
         steps=settings.steps, samples=len(texts), heldout_samples=len(held), batch_size=settings.batch_size,
-        max_length=settings.max_length, lr=settings.lr, seed=seed, objective="KL" if base.causal else "MSE",
+        max_length=settings.max_length, lr=settings.lr, seed=seed, objective=objective.name,
         retention_before=before, retention_after=after, first_loss=losses[0] if losses else None,
         last_loss=losses[-1] if losses else None, frozen_bank=freeze_bank,
+        teacher_topk=settings.teacher_topk if base.causal else None, seconds=time.perf_counter() - start, device=str(device),
     )  # fmt: skip
     return result, report

@@ -1,0 +1,153 @@
+"""Causal LMs: calibration and LM-native fidelity (KL retention, top-1 agreement, perplexity).
+
+The harness and the objectives are checked exactly on a tiny GPT-2; the real run is Gemma 3 270M, built
+once by ../shared/bases/make_gemma3_270m.sh (skipped locally when it cannot be built, run under CI).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vbcompress import CalibrationSettings, FitSettings, load_adapter
+from vbcompress.bank import fit
+from vbcompress.bank.calibrate import TokenKL
+from vbcompress.basemodel import Base, read_texts, retention
+from vbcompress.compress import REPORT_FILE, calibration_texts, lora2vb
+from vbcompress.errors import FormatError, VBCompressError
+from vbcompress.evaluate import evaluate
+
+from .conftest import ADAPTERS, REPO, tiny_causal_base, tiny_causal_lora
+
+CALIBRATION = REPO / "examples" / "text" / "calibration.txt"
+HELDOUT = REPO / "examples" / "text" / "heldout.txt"
+GEMMA_ADAPTER = ADAPTERS / "gemma3-270m-attn-r4"
+WORDS = ["w1 w2 w3 w4 w5 w6", "w7 w8 w9 w10 w11", "w12 w13 w14 w15 w16 w17 w18", "w20 w21 w22"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("causal")
+    base = tiny_causal_base(root / "base")
+    lora = tiny_causal_lora(base, root / "lora")
+    return base, lora
+
+
+def test_hidden_states_and_head_reproduce_the_model_logits(tiny):
+    base_dir, lora = tiny
+    adapter = load_adapter(lora)
+    base = Base(base_dir, adapter)
+    batch = base.encode(WORDS, 16)
+    full = base.forward(batch, adapter.delta_weights())
+    h = base.hidden(batch, adapter.delta_weights())
+    assert base._hidden_ok
+    assert torch.allclose(base.logits(h), full, atol=1e-5)
+    ids = torch.randint(96, (h.shape[1], 5), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(base.logits_at(h[0], ids), full[0].gather(-1, ids), atol=1e-5)
+
+
+def test_top_k_target_over_the_whole_vocabulary_is_the_exact_kl(tiny):
+    base_dir, lora = tiny
+    adapter = load_adapter(lora)
+    base = Base(base_dir, adapter)
+    teacher = adapter.delta_weights()
+    student = {n: 0.3 * d for n, d in teacher.items()}
+    batch = base.encode(WORDS, 16)
+    exact, sparse = TokenKL(base, teacher, 0), TokenKL(base, teacher, 96)
+    e = exact.loss(batch, exact.target(batch), student)
+    s = sparse.loss(batch, sparse.target(batch), student)
+    assert float(e) > 0.01 and float(s) == pytest.approx(float(e), rel=1e-4)
+    # a small K is an approximation of it, not the same number
+    four = TokenKL(base, teacher, 4)
+    assert float(four.loss(batch, four.target(batch), student)) != pytest.approx(float(e), rel=1e-2)
+
+
+def test_lm_retention_of_the_adapter_and_of_nothing(tiny):
+    base_dir, lora = tiny
+    adapter = load_adapter(lora)
+    base = Base(base_dir, adapter)
+    same = retention(base, WORDS, adapter.delta_weights(), adapter.delta_weights(), 16)
+    assert same.kl_retention == pytest.approx(1.0) and same.top1_agreement == 1.0
+    assert same.perplexity["teacher"] == pytest.approx(same.perplexity["candidate"])
+    assert same.effect_retention is None and same.tokens == sum(len(w.split()) for w in WORDS)
+    none = retention(base, WORDS, adapter.delta_weights(), {}, 16)
+    assert none.kl_retention == pytest.approx(0.0, abs=1e-6)
+    assert none.perplexity["candidate"] == pytest.approx(none.perplexity["base"])
+
+
+def test_data_free_text_is_sampled_from_the_teacher_and_leaves_the_base_untouched(tiny):
+    base_dir, lora = tiny
+    adapter = load_adapter(lora)
+    base = Base(base_dir, adapter)
+    before = {k: v.clone() for k, v in base.params.items()}
+    settings = CalibrationSettings(samples=8, max_length=16)
+    with_teacher, label = calibration_texts(base, None, settings, seed=0, teacher=adapter.delta_weights())
+    plain, plain_label = calibration_texts(base, None, settings, seed=0)
+    assert label == "data-free: samples of the base with the adapter" and plain_label == "data-free: samples of the base model"
+    assert len(with_teacher) == 8 and with_teacher != plain
+    assert all(torch.equal(before[k], v) for k, v in base.params.items())
+
+
+def refuses_before_training(monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the input was checked")
+
+    monkeypatch.setattr(fit, "fit_bank", no_training)
+    monkeypatch.setattr("vbcompress.compress.fit_bank", no_training)
+
+
+def test_bad_causal_inputs_are_refused_before_training(tiny, tmp_path, monkeypatch):
+    base_dir, lora = tiny
+    refuses_before_training(monkeypatch)
+    bare = tiny_causal_base(tmp_path / "bare", special=False)
+    with pytest.raises(FormatError, match="neither a pad nor an eos token"):
+        lora2vb(lora, tmp_path / "o", base=bare)
+    long = tmp_path / "long.txt"
+    long.write_text("w1 w2\n" + " ".join(f"w{i % 90 + 1}" for i in range(40)) + "\n")
+    with pytest.raises(FormatError, match=r"long\.txt: sample 2 is 40 tokens, longer than the model's context of 32"):
+        lora2vb(lora, tmp_path / "o", base=base_dir, texts=long, calibration=CalibrationSettings(max_length=16))
+    with pytest.raises(VBCompressError, match="max_length 64 is longer than the model's context of 32"):
+        lora2vb(lora, tmp_path / "o", base=base_dir, texts=CALIBRATION)
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"w1 w2\n\x00\x01\xff\xfe")
+    with pytest.raises(FormatError, match="not UTF-8 text"):
+        lora2vb(lora, tmp_path / "o", base=base_dir, texts=binary, calibration=CalibrationSettings(max_length=16))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(FormatError, match="no calibration text"):
+        lora2vb(lora, tmp_path / "o", base=base_dir, texts=tmp_path / "empty.txt", calibration=CalibrationSettings(max_length=16))
+    assert not (tmp_path / "o").exists()
+
+
+# --- the real causal base ---------------------------------------------------------------------------
+
+GEMMA_FIT = FitSettings(num_vectors=256, vector_length=128)
+GEMMA_CAL = CalibrationSettings(steps=6, samples=32, max_length=32)
+
+
+@pytest.fixture(scope="module")
+def gemma_calibrated(gemma_base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gemma") / "vb"
+    return out, lora2vb(GEMMA_ADAPTER, out, GEMMA_FIT, base=gemma_base, calibration=GEMMA_CAL, texts=CALIBRATION)
+
+
+def test_gemma_calibration_keeps_more_of_the_next_token_distribution(gemma_calibrated):
+    out, report = gemma_calibrated
+    cal = report.calibration
+    assert cal.objective == "top-64 KL" and cal.heldout_samples == 4
+    assert cal.retention_after.kl_retention > cal.retention_before.kl_retention + 0.1
+    saved = json.loads((out / REPORT_FILE).read_text())["calibration"]["retention_after"]
+    assert set(saved["perplexity"]) == {"base", "teacher", "candidate"}
+    assert saved["kl_retention"] == pytest.approx(cal.retention_after.kl_retention) and 0 < saved["top1_agreement"] <= 1
+
+
+def test_gemma_eval_reports_lm_fidelity_on_text_never_calibrated_on(gemma_calibrated, gemma_base, tmp_path):
+    out, _ = gemma_calibrated
+    data = tmp_path / "held.txt"
+    data.write_text("\n".join(read_texts(HELDOUT)[:6]))
+    itself = evaluate(GEMMA_ADAPTER, GEMMA_ADAPTER, base=gemma_base, data=data).function
+    assert itself.kl_retention == pytest.approx(1.0) and itself.top1_agreement == 1.0
+    assert itself.perplexity["teacher"] == pytest.approx(itself.perplexity["candidate"])
+    ours = evaluate(GEMMA_ADAPTER, out, base=gemma_base, data=data).function
+    assert 0.3 < ours.kl_retention < 1 and ours.perplexity["base"] == pytest.approx(itself.perplexity["base"])

@@ -172,6 +172,21 @@ def test_offline_mode_uses_the_cache_and_says_when_it_cannot(cli, hub, tmp_path)
     assert not (tmp_path / "out2").exists()
 
 
+def test_offline_mode_reads_a_cache_filled_file_by_file_as_peft_does(cli, hub, tmp_path):
+    """PEFT and transformers download with hf_hub_download, one file at a time: no tree listing is cached."""
+    fetch = "import sys; from huggingface_hub import hf_hub_download as get; [get(sys.argv[1], f) for f in sys.argv[2:]]"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
+    for repo, files in (("alice/minilm-lora", ["adapter_config.json", "adapter_model.safetensors"]), ("alice/gated-lora", ["adapter_config.json"])):
+        subprocess.run([sys.executable, "-c", fetch, repo, *files], env={**env, "HF_TOKEN": TOKEN}, check=True, capture_output=True)
+    offline = cli("inspect", "alice/minilm-lora", "--json", HF_HUB_OFFLINE="1")
+    assert offline.returncode == 0, offline.stderr
+    assert len(json.loads(offline.stdout)["modules"]) == len(load_adapter(MINILM_ADAPTER).modules) and hub.requests == []
+    half = cli("lora2vb", "alice/gated-lora", "-o", tmp_path / "o", *FAST, HF_HUB_OFFLINE="1")
+    one_line_error(half, "alice/gated-lora", "the local cache holds only adapter_config.json", "download it once online")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     ("ref", "env", "fragments"),
     [

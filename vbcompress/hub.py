@@ -91,28 +91,55 @@ def download(ref: HubRef | str, kind: str = "adapter", token: str | None = None)
     if ref is None:
         raise HubError(None, "not a Hub id (expected owner/name[/path][@revision])")
     with hub_errors(ref):
-        files, target = select_files(ref, list_files(ref, token), kind)
+        listing, partial = list_files(ref, token)
+        try:
+            files, target = select_files(ref, listing, kind)
+        except HubError as e:
+            if not partial:
+                raise
+            raise HubError(ref, f"the local cache holds only {listed(listing)}, not a whole {kind} ({e.problem}); download it once online") from None
         folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=files, token=token))
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise HubError(ref, f"the local cache lacks {listed(missing)} (download it once online)")
     return Download(ref=ref, path=folder / target, commit=folder.name)
 
 
-def list_files(ref: HubRef, token: str | None) -> list[str]:
-    """The repo's file paths at the revision: from the Hub, or from the cached listing when it cannot be reached."""
+def list_files(ref: HubRef, token: str | None) -> tuple[list[str], bool]:
+    """The repo's file paths at the revision, from the Hub or, when it cannot be reached, from the cache;
+    and whether the list may be partial (only the files a file-by-file download left in the snapshot)."""
     import httpx2
     from huggingface_hub import HfApi, get_cached_repo_tree
     from huggingface_hub.errors import CachedRepoTreeNotFoundError, OfflineModeIsEnabled
 
     try:
         info = HfApi(token=token).model_info(ref.repo_id, revision=ref.revision)
-        return [s.rfilename for s in info.siblings or []]
+        return [s.rfilename for s in info.siblings or []], False
     except (OfflineModeIsEnabled, httpx2.ConnectError, httpx2.TimeoutException) as error:
         offline = error
     try:
-        return [f.path for f in get_cached_repo_tree(ref.repo_id, revision=ref.revision)]
+        return [f.path for f in get_cached_repo_tree(ref.repo_id, revision=ref.revision)], False
     except CachedRepoTreeNotFoundError:
+        # PEFT and transformers fetch file by file (hf_hub_download), which stores the files but no tree
+        # listing: the cached snapshot's own files are then what there is to read.
+        snapshot = cached_snapshot(ref)
+        if snapshot is not None:
+            return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()), True
         if isinstance(offline, OfflineModeIsEnabled):
             raise HubError(ref, "not in the local cache and HF_HUB_OFFLINE is set (download it once online)") from None
         raise HubError(ref, f"no such file or directory here; cannot reach the Hub ({offline.__class__.__name__}) and it is not in the local cache") from None
+
+
+def cached_snapshot(ref: HubRef) -> Path | None:
+    """The cached snapshot folder of ``ref``'s revision (a branch or tag via its ref file, or a commit), if any."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + ref.repo_id.replace("/", "--"))
+    revision = ref.revision or "main"
+    ref_file = repo / "refs" / revision
+    commit = ref_file.read_text().strip() if ref_file.is_file() else revision
+    folder = repo / "snapshots" / commit
+    return folder if re.fullmatch(r"[0-9a-f]{40}", commit) and folder.is_dir() else None
 
 
 def select_files(ref: HubRef, files: list[str], kind: str) -> tuple[list[str], str]:

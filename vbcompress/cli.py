@@ -10,7 +10,7 @@ import click
 from dataclasses import MISSING, fields
 
 from .errors import VBCompressError
-from .formats import FORMATS
+from .formats import DENSE_FORMATS, FORMATS
 from .metrics import fmt_bytes
 from .settings import CalibrationSettings, FitSettings, MergeSettings, OutputSettings, RankSettings
 from .version import __version__
@@ -335,9 +335,16 @@ def print_rank_report(report, out: str) -> None:
                f"{fmt_bytes(report.bytes_before)} → {fmt_bytes(report.bytes_after)}")
 
 
+to_option = click.option(
+    "--to", type=click.Choice(DENSE_FORMATS), default=None,
+    help="Write the dense LoRA as PEFT, kohya (one .safetensors for ComfyUI/A1111) or diffusers [default: the source's own family; PEFT for others].",
+)  # fmt: skip
+
+
 def dense_options(f):
     for option in reversed([
-        click.option("-o", "--out", required=True, help="Output directory (a PEFT LoRA)."),
+        click.option("-o", "--out", required=True, help="Output directory (the LoRA in the --to format)."),
+        to_option,
         options_for(RankSettings),
         click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
         format_option,
@@ -353,7 +360,7 @@ def run_dense(src, rank, options: dict) -> None:
 
     settings, as_json, out = settings_from(RankSettings, options), options.pop("as_json"), options.pop("out")
     report = to_lora(src, out, rank_value(rank), settings, format=options.pop("fmt"), **options)
-    emit_json(report.to_json()) if as_json else print_rank_report(report, out)
+    emit_json(report.to_json()) if as_json else print_rank_report(report, f"{out}/{report.file} ({report.written_format})")
 
 
 @main.command()
@@ -361,7 +368,13 @@ def run_dense(src, rank, options: dict) -> None:
 @click.option("--rank", default=None, help="Integer cap for every module, or 'auto' (per-module by --rule) [default: full rank, exact].")
 @dense_options
 def vb2lora(src, rank, **options):
-    """Convert any readable adapter at SRC (VB-LoRA, LoRA, kohya, diffusers) to a dense PEFT LoRA in OUT."""
+    """Convert any readable adapter at SRC (VB-LoRA, LoRA, kohya, diffusers, mlx-lm) to a dense LoRA in OUT.
+
+    \b
+    Examples:
+      vbcompress vb2lora out/minilm-vb -o out/minilm-lora
+      vbcompress vb2lora anime-vb -o anime-kohya --to kohya --rank auto
+    """
     run_dense(src, rank, options)
 
 
@@ -370,7 +383,13 @@ def vb2lora(src, rank, **options):
 @click.option("--rank", required=True, help="Integer cap for every module, or 'auto' (per-module by --rule).")
 @dense_options
 def resize(src, rank, **options):
-    """Lower the rank of the LoRA at SRC without retraining (also rank-2r LoRA-GA checkpoints)."""
+    """Lower the rank of the LoRA at SRC without retraining (also rank-2r LoRA-GA checkpoints).
+
+    \b
+    Examples:
+      vbcompress resize lora_dir -o lora_r8 --rank 8
+      vbcompress resize anime.safetensors -o anime-small --rank auto --rule fro --threshold 0.9
+    """
     run_dense(src, rank, options)
 
 
@@ -548,16 +567,17 @@ def add(collection, sources, from_list, names, workers, ray_address, base, texts
 @click.argument("collection")
 @click.argument("names", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, help="Output directory: the adapter for one NAME, OUT/NAME for several.")
-@click.option("--dense", is_flag=True, help="Write a dense PEFT LoRA instead of VB-LoRA (rank rules as vb2lora).")
+@click.option("--dense", is_flag=True, help="Write a dense LoRA instead of VB-LoRA (rank rules as vb2lora).")
 @click.option("--rank", default=None, help="With --dense: integer cap, or 'auto' (per-module by --rule) [default: full rank, exact].")
+@to_option
 @options_for(RankSettings)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an earlier output.")
-def unpack(collection, names, out, dense, rank, overwrite, **options):
+def unpack(collection, names, out, dense, rank, to, overwrite, **options):
     """Write adapters NAMES of COLLECTION as PEFT VB-LoRA adapters (bank included) that PEFT loads."""
     from .collection import Collection
 
     paths = Collection(collection).unpack(list(names), out, dense=dense, rank=rank_value(rank),
-                                          rank_settings=settings_from(RankSettings, options), overwrite=overwrite)  # fmt: skip
+                                          rank_settings=settings_from(RankSettings, options), overwrite=overwrite, to=to)  # fmt: skip
     for name, path in zip(names, paths):
         click.echo(f"wrote {path}  ({name}, {'dense LoRA' if dense else 'VB-LoRA'})")
 

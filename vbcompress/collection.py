@@ -316,18 +316,22 @@ class Collection:
         )
 
     def unpack(self, names: list[str], out: str | os.PathLike, *, dense: bool = False, rank: int | str | None = None,
-               rank_settings: RankSettings | None = None, overwrite: bool = False) -> list[Path]:  # fmt: skip
-        """Write each named adapter as a PEFT VB-LoRA adapter (or, ``dense``, a PEFT LoRA at ``rank`` by the
-        rules of ``vb2lora``). One name: ``out`` is the adapter; several: ``out/NAME`` each."""
+               rank_settings: RankSettings | None = None, overwrite: bool = False, to: str | None = None) -> list[Path]:  # fmt: skip
+        """Write each named adapter as a PEFT VB-LoRA adapter (or, ``dense``, a dense LoRA at ``rank`` by the
+        rules of ``vb2lora``, written as ``to``: default the source's own family, see
+        :func:`~vbcompress.formats.write_dense`). One name: ``out`` is the adapter; several: ``out/NAME`` each."""
         from .dense import truncate
-        from .formats import write_peft_lora
+        from .formats import DENSE_FORMATS, family_of, write_dense
 
         if not names:
             raise SettingError("names", "name at least one adapter to unpack", where=self.path)
         for name in names:
             self.entry(name)
-        if rank is not None and not dense:
-            raise SettingError("rank", "{setting} applies to a dense unpack only")
+        for setting, value in (("rank", rank), ("to", to)):
+            if value is not None and not dense:
+                raise SettingError(setting, "{setting} applies to a dense unpack only")
+        if to is not None and to not in DENSE_FORMATS:
+            raise SettingError("to", f"{{setting}} {to!r} is not one of {', '.join(DENSE_FORMATS)}")
         written = []
         with atomic_output_dir(out, overwrite=overwrite, inputs=(self.path,)) as tmp:
             for name in names:
@@ -336,8 +340,8 @@ class Collection:
                 if dense:
                     settings = rank_settings or RankSettings()
                     lora, _ = truncate(adapter, rank, settings)
-                    write_peft_lora(replace(lora, target_modules=adapter.target_modules, source_format="peft"), target,
-                                    dtype=CAST_DTYPES[settings.dtype])  # fmt: skip
+                    write_dense(replace(lora, target_modules=adapter.target_modules, source_format="peft"), target,
+                                to or family_of(self.entry(name).source_format), dtype=CAST_DTYPES[settings.dtype], name=name)  # fmt: skip
                 else:
                     write_vblora(replace(adapter, modules={}), target)
                 write_json(target / "vbcompress.json", {"collection": str(self.path), **asdict(self.entry(name))})

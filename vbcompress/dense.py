@@ -1,8 +1,10 @@
-"""``vb2lora`` / ``resize``: any readable adapter → dense PEFT LoRA, at a fixed or per-module adaptive rank.
+"""``vb2lora`` / ``resize``: any readable adapter → dense LoRA (PEFT, kohya or diffusers), at a fixed or per-module adaptive rank.
 
 Each module's ΔW is factored by SVD from its low-rank factors (QR + r×r SVD; a VB-LoRA module is
-decoded from its bank first), truncated, and written balanced (``B = U√S``, ``A = √S Vh``) with scale 1:
-``lora_alpha = r`` per module, ranks in ``rank_pattern`` / ``alpha_pattern`` so PEFT rebuilds each module.
+decoded from its bank first), truncated, and written balanced (``B = U√S``, ``A = √S Vh``) with the
+scale folded into the factors. Every loader then computes the same ΔW: PEFT's per-module
+``alpha_pattern[m] / rank_pattern[m]``, a loader that ignores the patterns (vLLM) with the global
+``lora_alpha / r``, kohya's ``alpha / r`` and diffusers' default ``alpha = r`` are all 1.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .adapter import Adapter
 from .errors import SettingError
 from .files import CAST_DTYPES, write_json
 from .output import claim_output
-from .formats import load_adapter, write_peft_lora
+from .formats import DENSE_FORMATS, family_of, load_adapter, write_dense
 from .hub import resolve
 from .linalg import low_rank_svd
 from .rank import choose_rank, retained
@@ -53,6 +55,8 @@ class DenseReport:
     rel_error: float
     bytes_before: int
     bytes_after: int | None = None
+    written_format: str = "peft"
+    file: str | None = None  # the weights file, relative to the output folder
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -98,19 +102,24 @@ def to_lora(
     settings: RankSettings | None = None,
     *,
     format: str | None = None,
+    to: str | None = None,
     overwrite: bool = False,
     token: str | None = None,
 ) -> DenseReport:
-    """Convert the adapter at ``src`` (a path or Hub id) to a dense PEFT LoRA in ``out``; returns (and
-    writes) the report."""
+    """Convert the adapter at ``src`` (a path or Hub id) to a dense LoRA in ``out``, written as ``to``
+    (``peft``, ``kohya`` or ``diffusers``; default: the source's own family, PEFT for anything else);
+    returns (and writes) the report."""
     settings = settings or RankSettings()
+    if to is not None and to not in DENSE_FORMATS:
+        raise SettingError("to", f"{{setting}} {to!r} is not one of {', '.join(DENSE_FORMATS)}")
     got = resolve(src, "adapter", token=token)
     with claim_output(out, overwrite, inputs=(got.path,)) as target:
-        return _to_lora(src, got.path, target, rank, settings, format)
+        return _to_lora(src, got.path, target, rank, settings, format, to)
 
 
-def _to_lora(src, path: Path, target, rank, settings: RankSettings, format) -> DenseReport:
+def _to_lora(src, path: Path, target, rank, settings: RankSettings, format, to) -> DenseReport:
     source = load_adapter(path, format=format)
+    to = to or family_of(source.source_format)
     lora, rows = truncate(source, rank, settings)
     total = sum(r.energy for r in rows)
     kept = sum(r.kept_energy for r in rows)
@@ -124,9 +133,11 @@ def _to_lora(src, path: Path, target, rank, settings: RankSettings, format) -> D
         retained_fro=math.sqrt(kept / total) if total > 0 else 1.0,
         rel_error=math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0,
         bytes_before=source.stored_bytes(),
+        written_format=to,
     )
     with target.write() as tmp:
-        write_peft_lora(lora, tmp, dtype=CAST_DTYPES[settings.dtype])
+        file = write_dense(lora, tmp, to, dtype=CAST_DTYPES[settings.dtype], name=target.out.name)
+        report.file = file.name
         report.bytes_after = target.read_back(load_adapter, tmp).stored_bytes()
         write_json(tmp / REPORT_FILE, report.to_json())
     return report

@@ -130,7 +130,31 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except SafetensorError as e:
             raise FormatError(path, f"corrupt safetensors file ({e})") from None
+    if path.suffix == ".npz":
+        return read_npz(path), {}
     return read_pickle(path), {}
+
+
+def read_npz(path: Path) -> dict[str, torch.Tensor]:
+    """Arrays of a NumPy ``.npz`` archive (mlx-lm's older adapter files); object arrays, which would need
+    pickle, are refused rather than loaded."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except ValueError as e:  # numpy's answer to an object array with allow_pickle=False
+        raise FormatError(path, f"holds pickled objects, which are never loaded ({str(e).splitlines()[0][:80]})") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise FormatError(path, f"corrupt .npz archive ({e.__class__.__name__})") from None
+    out = {}
+    for k, a in arrays.items():
+        if a.dtype.kind not in "fiub" or a.dtype.itemsize > 8:
+            raise FormatError(path, f"{k}: unsupported array dtype {a.dtype}")
+        out[k] = torch.from_numpy(np.ascontiguousarray(a))
+    return out
 
 
 def read_json(path: str | Path) -> dict:

@@ -8,17 +8,19 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter
-from ..errors import FormatError, SettingError
+from ..errors import FormatError, SettingError, ShapeError, listed
 from ..files import read_json, read_tensors
 from .common import check_config, check_finite
-from .diffusers import is_legacy, read_diffusers
-from .kohya import read_kohya
+from .diffusers import is_legacy, read_diffusers, write_diffusers
+from .kohya import dotted_name, read_kohya, write_kohya
+from .mlx import WEIGHT_FILES as MLX_FILES, is_mlx, read_mlx
 from .peft_lora import read_peft_lora, write_peft_lora
 from .vblora import read_vblora, write_vblora
 
-FORMATS = ("peft", "vblora", "kohya", "diffusers")
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-__all__ = ["FORMATS", "detect_format", "load_adapter", "write_peft_lora", "write_vblora"]
+FORMATS = ("peft", "vblora", "kohya", "diffusers", "mlx")
+DENSE_FORMATS = ("peft", "kohya", "diffusers")  # what a dense LoRA can be written as
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", *MLX_FILES)
+__all__ = ["DENSE_FORMATS", "FORMATS", "detect_format", "load_adapter", "write_dense", "write_diffusers", "write_kohya", "write_peft_lora", "write_vblora"]
 
 
 def detect_format(tensors: dict[str, torch.Tensor], path: Path) -> str:
@@ -28,6 +30,8 @@ def detect_format(tensors: dict[str, torch.Tensor], path: Path) -> str:
         return "vblora"
     if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
         return "kohya"
+    if is_mlx(keys):
+        return "mlx"
     if any(k.startswith("base_model.model.") and (".lora_A." in k or ".lora_embedding_A" in k) for k in keys):
         return "peft"
     if is_legacy(keys) or any(k.endswith(".lora_A.weight") for k in keys):
@@ -88,4 +92,51 @@ def load_adapter(path: str | os.PathLike, format: str | None = None, allow_nonfi
         return read_peft_lora(tensors, config, weights)
     if fmt == "kohya":
         return read_kohya(tensors, metadata, weights)
+    if fmt == "mlx":
+        cfg = weights.parent / "adapter_config.json"
+        return read_mlx(tensors, read_json(cfg) if cfg.is_file() else {}, weights)
     return read_diffusers(tensors, metadata, weights)
+
+
+def family_of(source_format: str) -> str:
+    """The dense format a source's users load: kohya stays kohya, diffusers stays diffusers, the rest PEFT."""
+    return {"kohya": "kohya", "diffusers": "diffusers", "diffusers-legacy": "diffusers"}.get(source_format, "peft")
+
+
+def write_dense(adapter: Adapter, out: str | os.PathLike, to: str, dtype: torch.dtype | None = None, name: str | None = None) -> Path:
+    """Write a dense LoRA into the directory ``out`` as ``to`` (:data:`DENSE_FORMATS`); returns the weights file.
+
+    kohya: ``OUT/<name or OUT's name>.safetensors`` (one file, as ComfyUI and A1111 load it); diffusers:
+    ``OUT/pytorch_lora_weights.safetensors`` (what ``load_lora_weights(OUT)`` looks for); PEFT: the usual
+    pair. Module names are translated (kohya underscores ↔ dotted paths); one the target cannot name is an
+    error that lists it, never dropped.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if to not in DENSE_FORMATS:
+        raise SettingError("to", f"{{setting}} {to!r} is not one of {', '.join(DENSE_FORMATS)}")
+    if to == "kohya":
+        file = out / f"{name or out.name}.safetensors"
+        write_kohya(adapter, file, dtype, metadata=adapter.config.get("metadata"))
+        return file
+    if to == "diffusers":
+        write_diffusers(adapter, out / "pytorch_lora_weights.safetensors", dtype)
+        return out / "pytorch_lora_weights.safetensors"
+    write_peft_lora(peft_named(adapter), out, dtype=dtype)
+    return out / "adapter_model.safetensors"
+
+
+def peft_named(adapter: Adapter) -> Adapter:
+    """A kohya/diffusers adapter with PEFT module paths: dotted, relative to its one model."""
+    from dataclasses import replace
+
+    placed = {n: dotted_name(n) for n in adapter.modules}
+    if all(p is not None and p[1] == n for n, p in placed.items()):
+        return adapter  # already PEFT paths (an LLM's, or a bare UNet's)
+    unnamed = [n for n, p in placed.items() if p is None]
+    if unnamed:
+        raise ShapeError(adapter.source, f"no dotted module path for: {listed(unnamed)}")
+    components = sorted({c for c, _ in placed.values() if c})
+    if len(components) > 1:
+        raise ShapeError(adapter.source, f"a PEFT adapter adapts one model; this LoRA spans {', '.join(components)} (write kohya or diffusers)")
+    return replace(adapter, modules={placed[n][1]: m for n, m in adapter.modules.items()}, target_modules=None)

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter
-from ..errors import FormatError
+from ..adapter import CONV, Adapter
+from ..errors import FormatError, ShapeError, listed
+from ..files import save_tensors
 from .common import build_modules, check_config, dtype_name, match_keys, peft_scale, reject_unknown, stored_alpha_scale
+from .kohya import dotted_name
+from .peft_lora import lora_config
 
 RULES = [
     (re.compile(r"^(?P<name>.+)\.lora_A\.weight$"), "down"),
@@ -75,3 +79,31 @@ def read_diffusers(tensors: dict[str, torch.Tensor], metadata: dict, path: Path)
         config=config,
         source=str(path),
     )
+
+
+def write_diffusers(adapter: Adapter, file: Path, dtype: torch.dtype | None = None) -> None:
+    """Write ``adapter``'s modules as a diffusers LoRA file (``pytorch_lora_weights.safetensors``).
+
+    Modules of one component (a UNet adapter, as ``save_lora_adapter`` writes it) keep bare module paths
+    and carry their PEFT config in the ``lora_adapter_metadata`` header; several components get
+    ``unet.`` / ``text_encoder.`` prefixes, as ``save_lora_weights`` writes them (no config: diffusers
+    then takes alpha = r, which is right because our factors carry their scale). Kohya names are spelled
+    as dotted paths first; a module with no dotted path is an error that lists it.
+    """
+    placed = {n: dotted_name(n) for n in adapter.modules}
+    unnamed = [n for n, p in placed.items() if p is None]
+    if unnamed:
+        raise ShapeError(adapter.source, f"no diffusers module path for: {listed(unnamed)} (SDXL sgm block names map only with the model; write kohya instead)")
+    bare = len({c for c, _ in placed.values()}) == 1
+    keys = {n: path if bare or not component else f"{component}.{path}" for n, (component, path) in placed.items()}
+    renamed = replace(adapter, modules={keys[n]: m for n, m in adapter.modules.items()}, source_format="diffusers", target_modules=None)
+    tensors = {}
+    for key, m in renamed.modules.items():
+        a, b = (m.A, m.B) if dtype is None else (m.A.to(dtype), m.B.to(dtype))
+        if m.kind == CONV:
+            a, b = a.reshape(m.r, -1, *m.kernel), b.reshape(*b.shape, 1, 1)
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a.contiguous(), b.contiguous()
+    metadata = {"format": "pt"}
+    if bare:
+        metadata["lora_adapter_metadata"] = json.dumps(lora_config(renamed, renamed.modules), indent=2, sort_keys=True)
+    save_tensors(tensors, file, metadata=metadata)

@@ -180,3 +180,22 @@ def test_unmatched_modules_are_listed_and_nothing_is_written(tmp_path):
     with pytest.raises(ShapeError, match=r"13 adapter tensor\(s\) do not match the base model: transformer\.h\.0\.attn\.c_attn"):
         merge(MINILM_BASE, ADAPTERS / "gpt2-seqcls-cattn", tmp_path / "o")
     assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without a GPU gives")
+def test_merge_on_cuda_without_a_gpu_is_refused_before_any_output(tmp_path):
+    from vbcompress import MergeSettings
+    from vbcompress.errors import SettingError
+
+    with pytest.raises(SettingError, match="cuda asked for, but torch sees no CUDA device"):
+        merge(MINILM_BASE, MINILM_ADAPTER, tmp_path / "m", MergeSettings(device="cuda"))
+    assert not (tmp_path / "m").exists()
+
+
+def test_add_delta_follows_the_weight_to_its_device_and_dtype(tmp_path):
+    """The GPU merge path moves each weight, not the adapter: the factors follow the weight."""
+    m = load_adapter(MINILM_ADAPTER).modules
+    module = next(iter(m.values()))
+    w = torch.zeros(module.out_features, module.in_features, dtype=torch.float64)
+    module.add_delta_(w)
+    torch.testing.assert_close(w, module.delta_weight().double(), rtol=1e-6, atol=1e-7)

@@ -66,8 +66,9 @@ class LoraModule:
         return delta.T if self.transposed else delta
 
     def add_delta_(self, weight: torch.Tensor) -> torch.Tensor:
-        """Add ΔW to ``weight`` (float32, in the base weight's layout) in place, without forming ΔW apart."""
-        b, a = self.folded()
+        """Add ΔW to ``weight`` (in the base weight's layout, any float dtype and device) in place, without
+        forming ΔW apart."""
+        b, a = (t.to(weight.device, weight.dtype) for t in self.folded())
         if self.kind == CONV and self.kernel is not None:
             weight.view(self.out_features, -1).addmm_(b, a)
         elif self.transposed:

@@ -38,7 +38,7 @@ from safetensors import safe_open
 from .adapter import Adapter, LoraModule, VBCode, VectorBank
 from .bank.calibrate import calibrate
 from .basemodel import Base
-from .compress import Progress, calibration_texts, fit_settings_for, measure, resolve_device, run_fit
+from .compress import Progress, calibration_texts, fit_settings_for, measure, run_fit
 from .errors import FormatError, HubError, OutputError, SettingError, ShapeError, VBCompressError, listed
 from .files import CAST_DTYPES, read_json, replace_json, save_tensors, write_json
 from .output import atomic_output_dir, claim_output, exclusive_lock
@@ -47,7 +47,7 @@ from .formats.peft_lora import target_modules_for
 from .formats.vblora import compact_weights, restored_weights
 from .hub import resolve
 from .linalg import gram_sq_norm
-from .settings import CalibrationSettings, FitSettings, OutputSettings, RankSettings
+from .settings import CalibrationSettings, FitSettings, OutputSettings, RankSettings, resolve_device
 from .version import __version__
 
 FORMAT = "vbcompress-collection"

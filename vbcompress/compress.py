@@ -28,7 +28,7 @@ from .formats.vblora import canonical_code
 from .hub import HubSource, create_repo, push, resolve
 from .metrics import delta_errors
 from .results import ByteCounts, CompressReport, FitStages, ModuleFit
-from .settings import CalibrationSettings, FitSettings, OutputSettings
+from .settings import CalibrationSettings, FitSettings, OutputSettings, resolve_device
 
 VECTOR_LENGTHS = (256, 128, 64, 32, 16)
 REPORT_FILE = "vbcompress.json"
@@ -57,14 +57,6 @@ def check_compressible(adapter: Adapter, length: int) -> None:
     if any(k.endswith("lora_B.bias") for k in adapter.carried):
         raise VBCompressError(adapter.source, "LoRA biases (lora_bias=true) cannot be written as VB-LoRA")
     adapter.fan_in_fan_out()
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SettingError("device", "{setting} cuda asked for, but torch sees no CUDA device")
-    return device
 
 
 def fit_settings_for(sources: list[Adapter], fit: FitSettings) -> FitSettings:

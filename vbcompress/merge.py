@@ -21,7 +21,7 @@ from .files import CAST_DTYPES, DTYPE_OF, check_safetensors, iter_safetensors, r
 from .formats import load_adapter
 from .hub import resolve
 from .output import claim_output
-from .settings import MergeSettings
+from .settings import MergeSettings, resolve_device
 
 INDEX = "model.safetensors.index.json"
 REPORT_FILE = "vbcompress.json"
@@ -135,6 +135,7 @@ def merge(
     """
     settings = settings or MergeSettings()
     settings.check()
+    resolve_device(settings.device)  # no GPU for --device cuda fails before any output is claimed
     base_dir = resolve(base, "base", token=token).path
     adapter_dir = resolve(adapter_src, "adapter", token=token).path
     with claim_output(out, overwrite, inputs=(base_dir, adapter_dir)) as target:
@@ -146,6 +147,7 @@ def _merge(base, adapter_src, out, base_dir: Path, adapter_dir: Path, target, se
     layout = base_layout(base_dir)
     targets, replaced = resolve_targets(adapter, layout.info, base_dir)
     cast = CAST_DTYPES[settings.dtype]
+    device = torch.device(resolve_device(settings.device))
     total_size = 0
     # One float32 scratch for the largest merged weight: fresh memory per weight costs more than the math.
     scratch = torch.empty(max((math.prod(layout.info[k][0]) for k in targets), default=0))
@@ -164,7 +166,9 @@ def _merge(base, adapter_src, out, base_dir: Path, adapter_dir: Path, target, se
             def merged(path=base_dir / shard, header=header):
                 for key, t in iter_safetensors(path, header):
                     if key in targets:  # ΔW accumulated in float32 in a reused scratch, then back in place
-                        if t.dtype == torch.float32:
+                        if device.type != "cpu":
+                            t.copy_(adapter.modules[targets[key]].add_delta_(t.to(device, torch.float32)))
+                        elif t.dtype == torch.float32:
                             adapter.modules[targets[key]].add_delta_(t)
                         else:
                             w = scratch[: t.numel()].view(t.shape).copy_(t)

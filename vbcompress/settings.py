@@ -32,6 +32,17 @@ def check_choices(settings) -> None:
             raise SettingError(f.name, f"{{setting}} must be one of {', '.join(choices)}, not {value!r}")
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without one is a SettingError."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SettingError("device", "{setting} cuda asked for, but torch sees no CUDA device")
+    return device
+
+
 def help_of(cls, name: str) -> str:
     return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
@@ -137,6 +148,10 @@ class MergeSettings:
     """How ``merge`` writes the merged model."""
 
     dtype: str = setting("keep", "Dtype of the merged floating-point weights.", choices=DENSE_DTYPES)
+    device: str = setting(
+        "cpu", "Where ΔW is added: cpu, or cuda/auto (each weight passes through the GPU; merging is disk-bound, so cpu is the default).",
+        choices=DEVICES,
+    )
 
     def check(self) -> None:
         check_choices(self)

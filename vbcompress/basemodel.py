@@ -147,7 +147,13 @@ class Base:
         decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
         if decoder is None or decoder is self.model or self.head is None:
             return
-        decoder.register_forward_hook(lambda _m, _i, out: self._captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
+        self._capturing = False  # only hidden() keeps the decoder's output; generate() and forward() do not
+
+        def capture(_module, _inputs, out):
+            if self._capturing:
+                self._captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)
+
+        decoder.register_forward_hook(capture)
         self._keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._hidden_ok = True
         with torch.no_grad():
@@ -175,7 +181,11 @@ class Base:
         if not self._hidden_ok:
             return self.forward(batch, deltas)  # "hidden" = logits; self.logits() is then the identity
         self._captured.clear()
-        self._call(batch, deltas, **({"logits_to_keep": 1} if self._keep else {}))
+        self._capturing = True
+        try:
+            self._call(batch, deltas, **({"logits_to_keep": 1} if self._keep else {}))
+        finally:
+            self._capturing = False
         return self._captured.pop()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

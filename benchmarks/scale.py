@@ -1,8 +1,8 @@
 """Scale: a Llama-2-7B-shaped LoRA (r=16 on q,k,v,o,gate,up,down of 32 layers, 40M parameters) into N=2048.
 
 Each run is a child process timed with its own peak RSS (os.wait4). Baseline, in the same script: loading
-the adapter and SVD-truncating every module (vbcompress eval of the source against itself does the load
-and the factor algebra). Usage: python benchmarks/scale.py [--layers 32] [--iters 20] [--refine-steps 300]
+the adapter and doing its factor algebra (vbcompress eval of the source against itself). Also timed against
+it: `resize --rank auto` of the adapter and `vb2lora` of the lora2vb output. Usage: python benchmarks/scale.py [--layers 32] [--iters 20] [--refine-steps 300]
 """
 
 from __future__ import annotations
@@ -97,11 +97,15 @@ def main() -> None:
         fit_t, fit_rss, out = timed([sys.executable, "-c", FIT, json.dumps(payload)])
         result = json.loads(out.strip().splitlines()[-1])
         report = result["report"]
+        resize_t, resize_rss, _ = timed(cli + ["resize", str(src), "-o", str(Path(tmp) / "auto"), "--rank", "auto", "--json"])
+        dense_t, dense_rss, _ = timed(cli + ["vb2lora", payload["out"], "-o", str(Path(tmp) / "dense"), "--json"])
     print(f"adapter: {args.layers} layers, {params / 1e6:.1f}M LoRA parameters, N={args.num_vectors}, L=256, k=2, device={args.device}")
     print("| run | wall time | peak RSS | ratio to baseline time |")
     print("|---|---|---|---|")
     print(f"| baseline: load + factor algebra (eval) | {base_t:.1f} s | {base_rss:.2f} GiB | 1.0 |")
     print(f"| lora2vb (iters={args.iters}, refine={args.refine_steps}) | {fit_t:.1f} s | {fit_rss:.2f} GiB | {fit_t / base_t:.1f} |")
+    print(f"| resize --rank auto (sara 0.9) | {resize_t:.1f} s | {resize_rss:.2f} GiB | {resize_t / base_t:.1f} |")
+    print(f"| vb2lora of the lora2vb output (exact, full rank) | {dense_t:.1f} s | {dense_rss:.2f} GiB | {dense_t / base_t:.1f} |")
     print(f"ΔW error {report['total_rel_error']:.4f}, {report['bytes']['vb'] / 1e6:.2f} MB = {report['bytes']['ratio']:.2%} of fp16 LoRA; stages {report['fit_stages']}")
     print("where the time goes: " + ", ".join(f"{k} {v:.1f} s ({v / fit_t:.0%})" for k, v in result["stages"].items()) + "; the rest: starting Python, importing torch")
 

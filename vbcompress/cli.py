@@ -33,6 +33,12 @@ class Group(click.Group):
         self.as_json = "--json" in args
         return super().parse_args(ctx, args)
 
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Each command's whole first sentence (click cuts it at 45 characters with "…")."""
+        rows = [(name, self.get_command(ctx, name).get_short_help_str(limit=300)) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -256,7 +262,11 @@ def lora2vb(src, **options):
     """Distill the LoRA at SRC (a path or Hub id) into one vector bank; write a PEFT VB-LoRA adapter to OUT.
 
     Output size: the bank (N × L values) plus, per sub-vector of length L, k indices and k−1 weights.
-    Example: vbcompress lora2vb examples/gpt2-tigrinya-causal -o out/vb -N 1024
+
+    \b
+    Examples:
+      vbcompress lora2vb examples/gpt2-tigrinya-causal -o out/vb -N 1024            # seconds
+      vbcompress lora2vb LORA -o out/cal -N 256 --base BASE_MODEL --calibration FILE  # minutes on CPU
     """
     from .compress import lora2vb as run
 
@@ -272,7 +282,11 @@ def hub(repo_id, push_to, private, **options):
     """Download the LoRA REPO_ID[@REVISION] from the Hub, shrink it like lora2vb, write OUT ready to publish.
 
     Only the adapter's files and model card are fetched, into the Hugging Face cache (HF_HUB_OFFLINE=1 works
-    from it). --base may also be a Hub id.
+    from it, also when PEFT filled it). --base may also be a Hub id.
+
+    \b
+    Example:
+      vbcompress hub someone/their-lora -o out/their-lora-vb -N 256 --push-to me/their-lora-vb
     """
     from .compress import compress_from_hub
 

@@ -109,3 +109,18 @@ def test_mlx_lm_adapters_read_with_their_scale(tmp_path, layout):
     assert got.source_format == "mlx" and set(got.modules) == set(source.modules)
     for name, m in source.modules.items():
         torch.testing.assert_close(got.modules[name].delta_weight(), m.delta_weight(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_lone_peft_file_with_its_config_in_the_safetensors_header(tmp_path):
+    """No adapter_config.json: rank and alpha come from the header's lora_adapter_metadata."""
+    from safetensors.torch import load_file
+
+    config = json.loads((MINILM_ADAPTER / "adapter_config.json").read_text())
+    save_file(load_file(MINILM_ADAPTER / "adapter_model.safetensors"), tmp_path / "lone.safetensors",
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})  # fmt: skip
+    got, source = load_adapter(tmp_path / "lone.safetensors"), load_adapter(MINILM_ADAPTER)
+    for name, m in source.modules.items():
+        torch.testing.assert_close(got.modules[name].delta_weight(), m.delta_weight())
+    save_file(load_file(MINILM_ADAPTER / "adapter_model.safetensors"), tmp_path / "bare.safetensors")
+    with pytest.raises(Exception, match="missing adapter_config.json"):
+        load_adapter(tmp_path / "bare.safetensors")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -40,11 +41,21 @@ def detect_format(tensors: dict[str, torch.Tensor], path: Path) -> str:
     raise FormatError(path, f"no LoRA tensors recognised (keys: {shown})")
 
 
-def _peft_config(path: Path, weights: Path, peft_type: str) -> dict:
+def _peft_config(path: Path, weights: Path, peft_type: str, metadata: dict | None = None) -> dict:
     cfg_path = path / "adapter_config.json" if path.is_dir() else weights.parent / "adapter_config.json"
-    if not cfg_path.is_file():
+    if cfg_path.is_file():
+        config = read_json(cfg_path)
+    elif "lora_adapter_metadata" in (metadata or {}):
+        # A lone weights file whose safetensors header carries its config (as diffusers writes it).
+        cfg_path = weights
+        try:
+            config = json.loads(metadata["lora_adapter_metadata"])
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise FormatError(weights, f"invalid lora_adapter_metadata JSON in safetensors header ({e.__class__.__name__})") from None
+        if not isinstance(config, dict):
+            raise FormatError(weights, "lora_adapter_metadata must be a JSON object")
+    else:
         raise FormatError(cfg_path, f"missing adapter_config.json next to {weights.name}")
-    config = read_json(cfg_path)
     # No peft_type in an old config: the tensors say which it is.
     found = config.get("peft_type", "VBLORA" if peft_type == "vblora" else "LORA")
     if str(found).upper() not in ("LORA", "VBLORA"):
@@ -86,7 +97,7 @@ def load_adapter(path: str | os.PathLike, format: str | None = None, allow_nonfi
     if not allow_nonfinite:
         check_finite(weights, tensors)
     if fmt in ("peft", "vblora"):
-        config = _peft_config(path, weights, fmt)
+        config = _peft_config(path, weights, fmt, metadata)
         if str(config.get("peft_type", fmt)).upper() == "VBLORA" or fmt == "vblora":
             return read_vblora(tensors, config, weights)
         return read_peft_lora(tensors, config, weights)

@@ -16,7 +16,7 @@ import torch
 
 from .adapter import LINEAR, Adapter, VectorBank
 from .bank.calibrate import CalibrationReport, calibrate
-from .bank.fit import FitResult, fit_bank
+from .bank.fit import FitResult, deterministic, fit_bank
 from .basemodel import Base, read_texts
 from .baselines import truncation
 from .card import model_card, source_metadata
@@ -247,13 +247,3 @@ def compress_from_hub(
     if push_to is not None:
         report.pushed = push(out, push_to, token=token, url=url)
     return report
-
-
-@contextlib.contextmanager
-def deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)

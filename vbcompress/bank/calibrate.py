@@ -17,6 +17,7 @@ what the sparse target costs in held-out retention against it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from ..adapter import Adapter, VBCode, VectorBank
 from ..basemodel import CHUNK_TOKENS, Base, Retention, effect_distance, real_positions, retention
 from ..settings import CalibrationSettings
-from .fit import Mix
+from .fit import Mix, deterministic
 
 
 @dataclass
@@ -193,8 +194,13 @@ def calibrate(
 
     A held-out share of ``texts`` is never trained on; retention before/after is measured on it. With
     ``freeze_bank`` only the logits train (a bank that other adapters share must not move). Runs on
-    ``base.device``.
+    ``base.device`` (on a GPU with torch's deterministic kernels, so that a seed gives one result).
     """
+    with deterministic() if base.device.type == "cuda" else contextlib.nullcontext():
+        return _calibrate(source, vb, base, texts, settings, seed, progress, freeze_bank)
+
+
+def _calibrate(source, vb, base, texts, settings, seed, progress, freeze_bank) -> tuple[VectorBank, CalibrationReport]:
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

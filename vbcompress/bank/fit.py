@@ -26,6 +26,7 @@ assignment paid for fresh 64 MB temporaries (in-place, smaller chunks: 1.6× fas
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -397,6 +398,18 @@ class Mixing:
         if not self.sparse:
             return Mix.apply(bank, w, self.idx)
         return _SparseMix.apply(bank, w, self)
+
+
+@contextlib.contextmanager
+def deterministic():
+    """torch's deterministic kernels for the duration: CUDA's index_add/scatter accumulate with atomics, so
+    only this makes a fit or a calibration on a GPU repeatable per seed."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -321,7 +321,7 @@ class Collection:
         rules of ``vb2lora``, written as ``to``: default the source's own family, see
         :func:`~vbcompress.formats.write_dense`). One name: ``out`` is the adapter; several: ``out/NAME`` each."""
         from .dense import truncate
-        from .formats import DENSE_FORMATS, family_of, write_dense
+        from .formats import check_dense_format, family_of, write_dense
 
         if not names:
             raise SettingError("names", "name at least one adapter to unpack", where=self.path)
@@ -330,8 +330,7 @@ class Collection:
         for setting, value in (("rank", rank), ("to", to)):
             if value is not None and not dense:
                 raise SettingError(setting, "{setting} applies to a dense unpack only")
-        if to is not None and to not in DENSE_FORMATS:
-            raise SettingError("to", f"{{setting}} {to!r} is not one of {', '.join(DENSE_FORMATS)}")
+        check_dense_format(to)
         written = []
         with atomic_output_dir(out, overwrite=overwrite, inputs=(self.path,)) as tmp:
             for name in names:

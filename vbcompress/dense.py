@@ -19,7 +19,7 @@ from .adapter import Adapter
 from .errors import SettingError
 from .files import CAST_DTYPES, write_json
 from .output import claim_output
-from .formats import DENSE_FORMATS, family_of, load_adapter, write_dense
+from .formats import check_dense_format, family_of, load_adapter, write_dense
 from .hub import resolve
 from .linalg import low_rank_svd
 from .rank import choose_rank, retained
@@ -110,8 +110,7 @@ def to_lora(
     (``peft``, ``kohya`` or ``diffusers``; default: the source's own family, PEFT for anything else);
     returns (and writes) the report."""
     settings = settings or RankSettings()
-    if to is not None and to not in DENSE_FORMATS:
-        raise SettingError("to", f"{{setting}} {to!r} is not one of {', '.join(DENSE_FORMATS)}")
+    check_dense_format(to)
     got = resolve(src, "adapter", token=token)
     with claim_output(out, overwrite, inputs=(got.path,)) as target:
         return _to_lora(src, got.path, target, rank, settings, format, to)

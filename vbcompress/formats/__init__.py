@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from ..adapter import Adapter
 from ..errors import FormatError, SettingError, ShapeError, listed
 from ..files import read_json, read_tensors
-from .common import check_config, check_finite
+from .common import check_config, check_finite, header_config
 from .diffusers import is_legacy, read_diffusers, write_diffusers
 from .kohya import dotted_name, read_kohya, write_kohya
 from .mlx import WEIGHT_FILES as MLX_FILES, is_mlx, read_mlx
@@ -45,15 +45,8 @@ def _peft_config(path: Path, weights: Path, peft_type: str, metadata: dict | Non
     cfg_path = path / "adapter_config.json" if path.is_dir() else weights.parent / "adapter_config.json"
     if cfg_path.is_file():
         config = read_json(cfg_path)
-    elif "lora_adapter_metadata" in (metadata or {}):
-        # A lone weights file whose safetensors header carries its config (as diffusers writes it).
+    elif (config := header_config(metadata, weights)) is not None:  # a lone weights file whose header carries its config
         cfg_path = weights
-        try:
-            config = json.loads(metadata["lora_adapter_metadata"])
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise FormatError(weights, f"invalid lora_adapter_metadata JSON in safetensors header ({e.__class__.__name__})") from None
-        if not isinstance(config, dict):
-            raise FormatError(weights, "lora_adapter_metadata must be a JSON object")
     else:
         raise FormatError(cfg_path, f"missing adapter_config.json next to {weights.name}")
     # No peft_type in an old config: the tensors say which it is.
@@ -114,6 +107,12 @@ def family_of(source_format: str) -> str:
     return {"kohya": "kohya", "diffusers": "diffusers", "diffusers-legacy": "diffusers"}.get(source_format, "peft")
 
 
+def check_dense_format(to: str | None) -> None:
+    """``to`` is one of :data:`DENSE_FORMATS` (or None, the source's family): commands check it before any work."""
+    if to is not None and to not in DENSE_FORMATS:
+        raise SettingError("to", f"{{setting}} {to!r} is not one of {', '.join(DENSE_FORMATS)}")
+
+
 def write_dense(adapter: Adapter, out: str | os.PathLike, to: str, dtype: torch.dtype | None = None, name: str | None = None) -> Path:
     """Write a dense LoRA into the directory ``out`` as ``to`` (:data:`DENSE_FORMATS`); returns the weights file.
 
@@ -122,10 +121,9 @@ def write_dense(adapter: Adapter, out: str | os.PathLike, to: str, dtype: torch.
     pair. Module names are translated (kohya underscores ↔ dotted paths); one the target cannot name is an
     error that lists it, never dropped.
     """
+    check_dense_format(to)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if to not in DENSE_FORMATS:
-        raise SettingError("to", f"{{setting}} {to!r} is not one of {', '.join(DENSE_FORMATS)}")
     if to == "kohya":
         file = out / f"{name or out.name}.safetensors"
         write_kohya(adapter, file, dtype, metadata=adapter.config.get("metadata"))
@@ -139,8 +137,6 @@ def write_dense(adapter: Adapter, out: str | os.PathLike, to: str, dtype: torch.
 
 def peft_named(adapter: Adapter) -> Adapter:
     """A kohya/diffusers adapter with PEFT module paths: dotted, relative to its one model."""
-    from dataclasses import replace
-
     placed = {n: dotted_name(n) for n in adapter.modules}
     if all(p is not None and p[1] == n for n, p in placed.items()):
         return adapter  # already PEFT paths (an LLM's, or a bare UNet's)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
@@ -175,3 +176,26 @@ def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def dtype_name(tensors: dict[str, torch.Tensor]) -> str:
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
     return ",".join(dtypes) or "none"
+
+
+def header_config(metadata: dict | None, path: Path) -> dict | None:
+    """The PEFT config a safetensors header carries as ``lora_adapter_metadata`` (as diffusers writes it),
+    checked; None when the header has none."""
+    if "lora_adapter_metadata" not in (metadata or {}):
+        return None
+    try:
+        config = json.loads(metadata["lora_adapter_metadata"])
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(path, f"invalid lora_adapter_metadata JSON in safetensors header ({e.__class__.__name__})") from None
+    if not isinstance(config, dict):
+        raise FormatError(path, f"lora_adapter_metadata must be a JSON object, not {type(config).__name__}")
+    return check_config(config, path)
+
+
+def stored_factors(m: LoraModule, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` of a module as files store them: cast to ``dtype`` (None keeps it), conv factors as
+    ``[r, in, kh, kw]`` and ``[out, r, 1, 1]``."""
+    a, b = (m.A, m.B) if dtype is None else (m.A.to(dtype), m.B.to(dtype))
+    if m.kind == CONV and m.kernel is not None:
+        a, b = a.reshape(m.r, -1, *m.kernel), b.reshape(*b.shape, 1, 1)
+    return a.contiguous(), b.contiguous()

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import CONV, Adapter
+from ..adapter import Adapter
 from ..errors import FormatError, ShapeError, listed
 from ..files import save_tensors
-from .common import build_modules, check_config, dtype_name, match_keys, peft_scale, reject_unknown, stored_alpha_scale
+from .common import build_modules, dtype_name, header_config, match_keys, peft_scale, reject_unknown, stored_alpha_scale, stored_factors
 from .kohya import dotted_name
 from .peft_lora import lora_config
 
@@ -47,15 +47,7 @@ def is_legacy(keys) -> bool:
 
 def read_diffusers(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> Adapter:
     """Build an :class:`Adapter` from a diffusers LoRA state dict (either layout)."""
-    config = {}
-    if "lora_adapter_metadata" in metadata:
-        try:
-            config = json.loads(metadata["lora_adapter_metadata"])
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise FormatError(path, f"invalid lora_adapter_metadata JSON in safetensors header ({e.__class__.__name__})") from None
-        if not isinstance(config, dict):
-            raise FormatError(path, f"lora_adapter_metadata must be a JSON object, not {type(config).__name__}")
-        check_config(config, path)
+    config = header_config(metadata, path) or {}
     if is_legacy(tensors):
         pairs, unknown = match_keys(tensors, LEGACY_RULES, _legacy_name, path)
         source_format = "diffusers-legacy"
@@ -99,10 +91,7 @@ def write_diffusers(adapter: Adapter, file: Path, dtype: torch.dtype | None = No
     renamed = replace(adapter, modules={keys[n]: m for n, m in adapter.modules.items()}, source_format="diffusers", target_modules=None)
     tensors = {}
     for key, m in renamed.modules.items():
-        a, b = (m.A, m.B) if dtype is None else (m.A.to(dtype), m.B.to(dtype))
-        if m.kind == CONV:
-            a, b = a.reshape(m.r, -1, *m.kernel), b.reshape(*b.shape, 1, 1)
-        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a.contiguous(), b.contiguous()
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = stored_factors(m, dtype)
     metadata = {"format": "pt"}
     if bare:
         metadata["lora_adapter_metadata"] = json.dumps(lora_config(renamed, renamed.modules), indent=2, sort_keys=True)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import CONV, Adapter
+from ..adapter import CONV, LINEAR, Adapter
 from ..errors import FormatError, ShapeError, listed
 from ..files import save_tensors
 from ..version import __version__
-from .common import build_modules, dtype_name, match_keys, reject_unknown, stored_alpha_scale
+from .common import build_modules, dtype_name, match_keys, reject_unknown, stored_alpha_scale, stored_factors
 
 RULES = [
     (re.compile(r"^(?P<name>lora_[a-z0-9]+_.+)\.lora_down\.weight$"), "down"),
@@ -116,13 +116,10 @@ def write_kohya(adapter: Adapter, file: Path, dtype: torch.dtype | None = None, 
         raise ShapeError(adapter.source, f"kohya names only UNet and text-encoder modules; these have no kohya name: {listed(unnamed)}")
     tensors = {}
     for name, m in adapter.modules.items():
-        a, b = (m.A, m.B) if dtype is None else (m.A.to(dtype), m.B.to(dtype))
-        if m.kind == CONV:
-            a, b = a.reshape(m.r, -1, *m.kernel), b.reshape(*b.shape, 1, 1)
-        elif m.kind != "linear":
+        if m.kind not in (LINEAR, CONV):
             raise ShapeError(adapter.source, f"module {name}: kohya files hold linear and conv LoRA, not {m.kind}")
         key = names[name]
-        tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = a.contiguous(), b.contiguous()
+        tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = stored_factors(m, dtype)
         tensors[f"{key}.alpha"] = torch.tensor(m.scale * m.r, dtype=torch.float32)
     ranks = [m.r for m in adapter.modules.values()]
     meta = {k: v for k, v in (metadata or {}).items() if k.startswith("ss_") and isinstance(v, str)}

@@ -11,7 +11,7 @@ import torch
 from ..adapter import EMBEDDING, Adapter, LoraModule
 from ..files import save_tensors, write_json
 from ..errors import FormatError, ShapeError
-from .common import build_modules, dtype_name, match_keys, pattern_value, peft_scale, reject_unknown
+from .common import build_modules, dtype_name, match_keys, pattern_value, peft_scale, reject_unknown, stored_factors
 
 PREFIX = "base_model.model."
 RULES = [
@@ -97,13 +97,11 @@ def write_peft_lora(adapter: Adapter, out: str | os.PathLike, dtype: torch.dtype
     """
     tensors = {}
     for name, m in adapter.modules.items():
-        a, b = (m.A, m.B) if dtype is None else (m.A.to(dtype), m.B.to(dtype))
+        a, b = stored_factors(m, dtype)
         if m.kind == EMBEDDING:
             tensors[f"{PREFIX}{name}.lora_embedding_A"], tensors[f"{PREFIX}{name}.lora_embedding_B"] = a, b
-            continue
-        if m.kernel is not None:
-            a, b = a.reshape(m.r, -1, *m.kernel), b.reshape(*b.shape, 1, 1)
-        tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = a, b
+        else:
+            tensors[f"{PREFIX}{name}.lora_A.weight"], tensors[f"{PREFIX}{name}.lora_B.weight"] = a, b
     tensors.update(adapter.carried)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

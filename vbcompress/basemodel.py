@@ -173,7 +173,8 @@ class Base:
         return out.logits if self.causal else out.last_hidden_state
 
     def _call(self, batch: dict, deltas: dict[str, torch.Tensor] | None, **kwargs):
-        overrides = {self.weights[n]: self.params[self.weights[n]] + d for n, d in (deltas or {}).items()}
+        # deltas may live elsewhere (a CPU teacher for a model on the GPU): .to is a no-op when they don't
+        overrides = {self.weights[n]: self.params[self.weights[n]] + d.to(self.device) for n, d in (deltas or {}).items()}
         return torch.func.functional_call(self.model, overrides, args=(), kwargs={**batch, **kwargs}, strict=False)
 
     def hidden(self, batch: dict, deltas: dict[str, torch.Tensor] | None) -> torch.Tensor:

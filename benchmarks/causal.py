@@ -9,7 +9,7 @@ agreement with the teacher, perplexity. Each calibration runs in a spawned child
 
 Build the base once: bash ../shared/bases/make_gemma3_270m.sh ~/.cache/vbcompress/gemma3-270m
 Usage: python benchmarks/causal.py [--base DIR] [--adapters A ...] [--num-vectors 256 64] [--steps S]
-       [--samples N] [--heldout K] [--teacher-topk K ...] [--skip teacher,lora]
+       [--samples N] [--heldout K] [--teacher-topk K ...] [--skip file,teacher,lora] [--lora-lr LR] [--device cuda]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def compress_child(args: dict) -> dict:
     """One lora2vb run in a fresh process: its report, wall time and peak RSS."""
     start = time.perf_counter()
     cal = CalibrationSettings(steps=args["steps"], samples=args["samples"], teacher_topk=args["topk"]) if args["base"] else None
-    report = lora2vb(args["src"], args["out"], FitSettings(num_vectors=args["n"], vector_length=128), base=args["base"],
+    report = lora2vb(args["src"], args["out"], FitSettings(num_vectors=args["n"], vector_length=128, device=args["device"]), base=args["base"],
                      calibration=cal, texts=args["texts"], overwrite=True)  # fmt: skip
     return {"seconds": time.perf_counter() - start, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "ratio": report.bytes.ratio, "bytes": report.bytes.vb, "calibration_seconds": report.calibration.seconds if report.calibration else None}  # fmt: skip
@@ -53,11 +53,15 @@ def in_child(fn, args):
 
 
 def truncated(source, rank: int, bits: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every module's top ``rank`` directions as balanced factors (B [out, r], A [r, in]), fp16 or int-N."""
+    """Every module's top ``rank`` directions as balanced factors (B [out, r], A [r, in]): fp32 (bits 32), fp16 or int-N."""
     out = {}
     for name, m in source.modules.items():
         b, a, _ = balanced(*m.folded(), rank)
-        out[name] = (b.half().float(), a.half().float()) if bits == 16 else (quantize(b, bits), quantize(a, bits))
+        if bits == 16:
+            b, a = b.half().float(), a.half().float()
+        elif bits != 32:
+            b, a = quantize(b, bits), quantize(a, bits)
+        out[name] = (b, a)
     return out
 
 
@@ -65,14 +69,14 @@ def as_deltas(source, factors) -> dict[str, torch.Tensor]:
     return {n: (b @ a).T if source.modules[n].transposed else b @ a for n, (b, a) in factors.items()}
 
 
-def train_lora(base: Base, source, rank: int, texts: list[str], settings: CalibrationSettings, seed: int = 0) -> dict:
+def train_lora(base: Base, source, rank: int, texts: list[str], settings: CalibrationSettings, lr: float, seed: int = 0) -> dict:
     """A rank-``rank`` LoRA started at the SVD truncation and trained with calibration's loss, inputs and schedule."""
     torch.manual_seed(seed)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     texts = [texts[i] for i in order][: settings.samples]
     train = texts[max(1, round(len(texts) * settings.heldout)) :]
-    params = {n: (b.clone().requires_grad_(True), a.clone().requires_grad_(True)) for n, (b, a) in truncated(source, rank, 32).items()}
-    opt = torch.optim.Adam([p for pair in params.values() for p in pair], lr=settings.lr * 0.1)
+    params = {n: (b.to(base.device).requires_grad_(True), a.to(base.device).requires_grad_(True)) for n, (b, a) in truncated(source, rank, 32).items()}
+    opt = torch.optim.Adam([p for pair in params.values() for p in pair], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, settings.steps))
     objective = TokenKL(base, source.delta_weights(), settings.teacher_topk)
     batches = [base.encode(train[i : i + settings.batch_size], settings.max_length) for i in range(0, len(train), settings.batch_size)]
@@ -97,20 +101,23 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=CalibrationSettings.samples)
     ap.add_argument("--heldout", type=int, default=160, help="held-out lines to measure on")
     ap.add_argument("--teacher-topk", type=int, nargs="*", default=[CalibrationSettings.teacher_topk], help="several: compare sparse targets with exact (0)")
-    ap.add_argument("--skip", default="", help="comma list of: teacher, lora")
+    ap.add_argument("--skip", default="", help="comma list of: file, teacher, lora (calibration on file text, on teacher samples, the trained LoRA)")
+    ap.add_argument("--lora-lr", type=float, default=CalibrationSettings.lr * 0.1, help="Adam learning rate of the trained LoRA baseline")
+    ap.add_argument("--device", default="cpu", help="where calibration, the trained LoRA and the measurements run (cpu, cuda)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     held = read_texts(HELDOUT)[: args.heldout]
     settings = CalibrationSettings(steps=args.steps, samples=args.samples)
     print(f"Gemma 3 270M at {args.base}; calibration {args.steps} steps, {args.samples} samples; measured on {len(held)} held-out lines; "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
+          f"{torch.get_num_threads()} threads, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))  # fmt: skip
     print("| adapter | N | bytes ratio | method | KL retention | top-1 agreement | perplexity (base / teacher / candidate) | time | peak RSS |")
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.adapters:
             src = ADAPTERS / name
             source = load_adapter(src)
-            base = Base(args.base, source)
+            base = Base(args.base, source, args.device)
             teacher = source.delta_weights()
 
             def row(n, ratio, method, deltas, seconds=None, rss=None):
@@ -123,10 +130,10 @@ def main() -> None:
 
             for n in args.num_vectors:
                 out = Path(tmp) / f"{name}-{n}"
-                job = {"src": str(src), "out": str(out), "n": n, "base": None, "texts": None, "steps": 0, "samples": 0, "topk": 0}
+                job = {"src": str(src), "out": str(out), "n": n, "base": None, "texts": None, "steps": 0, "samples": 0, "topk": 0, "device": args.device}
                 w = in_child(compress_child, job)
                 row(n, w["ratio"], "bank, weight fit only", load_adapter(out).delta_weights(), w["seconds"], w["rss"])
-                runs = [("file text", str(CALIBRATION), k) for k in args.teacher_topk]
+                runs = [("file text", str(CALIBRATION), k) for k in args.teacher_topk] if "file" not in skip else []
                 if "teacher" not in skip:
                     runs.append(("data-free, sampled from the teacher", None, args.teacher_topk[0]))
                 for label, texts, topk in runs:
@@ -141,9 +148,9 @@ def main() -> None:
                     row(n, ratio, f"{label} (rank {rank})", as_deltas(source, truncated(source, rank, bits)) if rank else {})
                     if bits == 4 and rank and "lora" not in skip:
                         start = time.perf_counter()
-                        trained = train_lora(base, source, rank, read_texts(CALIBRATION), settings)
-                        q = {k: (quantize(b, 4), quantize(a, 4)) for k, (b, a) in trained.items()}
-                        row(n, ratio, f"rank-{rank} LoRA trained like calibration, int4", as_deltas(source, q), time.perf_counter() - start)
+                        trained = train_lora(base, source, rank, read_texts(CALIBRATION), settings, args.lora_lr)
+                        q = {k: (quantize(b.cpu(), 4), quantize(a.cpu(), 4)) for k, (b, a) in trained.items()}
+                        row(n, ratio, f"rank-{rank} LoRA from the SVD, trained like calibration (lr {args.lora_lr:g}), int4", as_deltas(source, q), time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from vbcompress import FitSettings, load_adapter, lora2vb
+from vbcompress.baselines import GROUP, quantize
 from vbcompress.compress import REPORT_FILE
 
 from .conftest import MINILM_ADAPTER
@@ -51,6 +52,20 @@ def test_svd_figure_is_dense_truncation_within_the_byte_budget(tmp_path, source,
     rank = min(budget // per_rank, 8)
     assert report.svd_baseline.rank == rank and report.svd_baseline.bytes <= budget
     assert report.svd_baseline.rel_error == pytest.approx(dense_svd_error(source, rank), abs=2e-3)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int_baseline_is_a_real_grid_of_that_many_bits(bits):
+    t = torch.randn(5, 100, generator=torch.Generator().manual_seed(0))
+    q = quantize(t, bits)
+    flat = torch.cat([q.reshape(-1), q.new_zeros(-q.numel() % GROUP)]).reshape(-1, GROUP)
+    levels = 2 ** (bits - 1) - 1
+    for g, orig in zip(flat, torch.cat([t.reshape(-1), t.new_zeros(-t.numel() % GROUP)]).reshape(-1, GROUP)):
+        step = float(orig.abs().max()) / levels
+        assert len(torch.unique(g)) <= 2 * levels + 1
+        assert float((g - orig).abs().max()) <= step / 2 * 1.01  # rounding, plus the fp16 scale
+    with pytest.raises(ValueError, match="2 to 8 bits"):
+        quantize(t, 16)  # a 16-bit grid under fp16 scales is not what the baseline claims
 
 
 def test_rank_option_keeps_the_top_singular_directions(tmp_path, source):

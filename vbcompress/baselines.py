@@ -32,6 +32,8 @@ class Baseline:
 
 def quantize(t: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric absmax quantization in groups of 64 consecutive values, dequantized (fp16 group scales)."""
+    if not 2 <= bits <= 8:  # fp16 group scales: 16 or more bits would round below the scale's precision
+        raise ValueError(f"quantize takes 2 to 8 bits, not {bits}")
     flat = t.reshape(-1)
     pad = (-flat.numel()) % GROUP
     g = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, GROUP)

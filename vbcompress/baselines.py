@@ -32,7 +32,7 @@ class Baseline:
 
 def quantize(t: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric absmax quantization in groups of 64 consecutive values, dequantized (fp16 group scales)."""
-    if not 2 <= bits <= 8:  # fp16 group scales: 16 or more bits would round below the scale's precision
+    if not 2 <= bits <= 8:  # the group scale, absmax / (2^(bits-1) - 1), is stored as fp16: at 16 bits it underflows
         raise ValueError(f"quantize takes 2 to 8 bits, not {bits}")
     flat = t.reshape(-1)
     pad = (-flat.numel()) % GROUP

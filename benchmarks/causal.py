@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,9 +26,12 @@ import torch
 
 from vbcompress import CalibrationSettings, FitSettings, load_adapter, lora2vb
 from vbcompress.bank.calibrate import TokenKL
-from vbcompress.baselines import bytes_per_rank, quantize
+from vbcompress.baselines import bytes_per_rank, quantize, truncated_factors
 from vbcompress.basemodel import Base, read_texts, retention
 from vbcompress.linalg import balanced
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from collection import rss_peak_gib  # noqa: E402  (VmHWM: ru_maxrss keeps a spawned child's pre-exec, i.e. the parent's, peak)
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = REPO.parent / "shared" / "adapters"
@@ -43,17 +46,8 @@ def compress_child(args: dict) -> dict:
     cal = CalibrationSettings(steps=args["steps"], samples=args["samples"], teacher_topk=args["topk"]) if args["base"] else None
     report = lora2vb(args["src"], args["out"], FitSettings(num_vectors=args["n"], vector_length=128, device=args["device"]), base=args["base"],
                      calibration=cal, texts=args["texts"], overwrite=True)  # fmt: skip
-    return {"seconds": time.perf_counter() - start, "rss": peak_rss_gib(),
+    return {"seconds": time.perf_counter() - start, "rss": rss_peak_gib(),
             "ratio": report.bytes.ratio, "bytes": report.bytes.vb, "calibration_seconds": report.calibration.seconds if report.calibration else None}  # fmt: skip
-
-
-def peak_rss_gib() -> float:
-    """This process's own peak RSS. Not ru_maxrss: on Linux that keeps the high-water mark from before
-    exec, i.e. the parent's footprint at the fork that spawned this child (the base model it holds)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def in_child(fn, args):
@@ -62,16 +56,11 @@ def in_child(fn, args):
 
 
 def truncated(source, rank: int, bits: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every module's top ``rank`` directions as balanced factors (B [out, r], A [r, in]): fp32 (bits 32), fp16 or int-N."""
-    out = {}
-    for name, m in source.modules.items():
-        b, a, _ = balanced(*m.folded(), rank)
-        if bits == 16:
-            b, a = b.half().float(), a.half().float()
-        elif bits != 32:
-            b, a = quantize(b, bits), quantize(a, bits)
-        out[name] = (b, a)
-    return out
+    """Every module's top ``rank`` directions as balanced factors (B [out, r], A [r, in]): fp32 (bits 32, the
+    trained LoRA's start), or as the baselines store them at 16, 8 or 4 bits."""
+    if bits == 32:
+        return {name: balanced(*m.folded(), rank)[:2] for name, m in source.modules.items()}
+    return {name: truncated_factors(m, rank, bits) for name, m in source.modules.items()}
 
 
 def as_deltas(source, factors) -> dict[str, torch.Tensor]:

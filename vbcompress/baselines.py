@@ -43,6 +43,15 @@ def quantize(t: torch.Tensor, bits: int) -> torch.Tensor:
     return q.reshape(-1)[: flat.numel()].reshape(t.shape)
 
 
+def truncated_factors(m: LoraModule, rank: int, bits: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``m``'s top ``rank`` directions as balanced factors ``B: [out, rank]``, ``A: [rank, in]``, as stored
+    at ``bits`` (16: fp16; 8, 4: grouped absmax) and read back as float32."""
+    bt, at, _ = balanced(*m.folded(), rank)
+    if bits == 16:
+        return bt.half().float(), at.half().float()
+    return quantize(bt, bits), quantize(at, bits)
+
+
 def bytes_per_rank(modules: Iterable[LoraModule], bits: int = 16) -> float:
     """Bytes one unit of global rank costs: (in + out) values per module, plus group scales below 16 bits."""
     dims = sum(m.in_features + m.out_features for m in modules)
@@ -66,10 +75,5 @@ def truncation(modules: Iterable[LoraModule], budget_bytes: int, bits: int = 16)
         if rank == 0:
             err += norm
             continue
-        bt, at, _ = balanced(b, a, rank)
-        if bits == 16:
-            bt, at = bt.half().float(), at.half().float()
-        else:
-            bt, at = quantize(bt, bits), quantize(at, bits)
-        err += delta_sq_error(b, a, bt, at)
+        err += delta_sq_error(b, a, *truncated_factors(m, rank, bits))
     return Baseline(rank=rank, bytes=math.ceil(rank * per_rank), rel_error=math.sqrt(err / ref) if ref > 0 else 0.0, bits=bits)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -57,9 +57,11 @@ def seven_b() -> None:
         (entry,) = add(tmp / "coll", [tmp / "b"]).added
         add_s = time.perf_counter() - start
         source = sum(p.stat().st_size for p in (tmp / "b").iterdir())
-    print(f"7B-shaped adapter ({params / 1e6:.1f}M LoRA params, {source / 1e6:.0f} MB source): add to an N=2048, L=256 bank in "
-          f"{add_s:.1f} s on this machine ({torch.get_num_threads()} threads); marginal bytes {entry.marginal_bytes / 1e6:.2f} MB "
-          f"(codes); setup pack with a 1-iteration fit {pack_s:.0f} s")
+    print(
+        f"7B-shaped adapter ({params / 1e6:.1f}M LoRA params, {source / 1e6:.0f} MB source): add to an N=2048, L=256 bank in "
+        f"{add_s:.1f} s on this machine ({torch.get_num_threads()} threads); marginal bytes {entry.marginal_bytes / 1e6:.2f} MB "
+        f"(codes); setup pack with a 1-iteration fit {pack_s:.0f} s"
+    )
 
 
 def main() -> None:
@@ -99,8 +101,11 @@ def main() -> None:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             base_t = base_t or r["seconds"]
             worker = f"{r['worker_gib']:.2f} GiB" if workers > 1 else ("(Ray workers: not children of the driver)" if ray else "-")
-            print(f"| {label} | {r['seconds']:.0f} s | {60 * r['added'] / r['seconds']:.1f} | {base_t / r['seconds']:.2f}× | "
-                  f"{r['driver_gib']:.2f} GiB | {worker} |", flush=True)  # fmt: skip
+            print(
+                f"| {label} | {r['seconds']:.0f} s | {60 * r['added'] / r['seconds']:.1f} | {base_t / r['seconds']:.2f}× | "
+                f"{r['driver_gib']:.2f} GiB | {worker} |",
+                flush=True,
+            )
             codes[label] = {p.parent.name: p.read_bytes() for p in (coll / "adapters").glob("*/codes.safetensors")}
         same = all(c == codes["serial"] for c in codes.values())
         print(f"codes byte-identical across runs: {same}")

@@ -44,10 +44,22 @@ def compress_child(args: dict) -> dict:
     """One lora2vb run in a fresh process: its report, wall time and peak RSS."""
     start = time.perf_counter()
     cal = CalibrationSettings(steps=args["steps"], samples=args["samples"], teacher_topk=args["topk"]) if args["base"] else None
-    report = lora2vb(args["src"], args["out"], FitSettings(num_vectors=args["n"], vector_length=128, device=args["device"]), base=args["base"],
-                     calibration=cal, texts=args["texts"], overwrite=True)  # fmt: skip
-    return {"seconds": time.perf_counter() - start, "rss": rss_peak_gib(),
-            "ratio": report.bytes.ratio, "bytes": report.bytes.vb, "calibration_seconds": report.calibration.seconds if report.calibration else None}  # fmt: skip
+    report = lora2vb(
+        args["src"],
+        args["out"],
+        FitSettings(num_vectors=args["n"], vector_length=128, device=args["device"]),
+        base=args["base"],
+        calibration=cal,
+        texts=args["texts"],
+        overwrite=True,
+    )
+    return {
+        "seconds": time.perf_counter() - start,
+        "rss": rss_peak_gib(),
+        "ratio": report.bytes.ratio,
+        "bytes": report.bytes.vb,
+        "calibration_seconds": report.calibration.seconds if report.calibration else None,
+    }
 
 
 def in_child(fn, args):
@@ -73,7 +85,10 @@ def train_lora(base: Base, source, rank: int, texts: list[str], settings: Calibr
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     texts = [texts[i] for i in order][: settings.samples]
     train = texts[max(1, round(len(texts) * settings.heldout)) :]
-    params = {n: (b.to(base.device).requires_grad_(True), a.to(base.device).requires_grad_(True)) for n, (b, a) in truncated(source, rank, 32).items()}
+    params = {
+        n: (b.to(base.device).requires_grad_(True), a.to(base.device).requires_grad_(True))
+        for n, (b, a) in truncated(source, rank, 32).items()
+    }
     opt = torch.optim.Adam([p for pair in params.values() for p in pair], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, settings.steps))
     objective = TokenKL(base, source.delta_weights(), settings.teacher_topk)
@@ -93,23 +108,36 @@ def train_lora(base: Base, source, rank: int, texts: list[str], settings: Calibr
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", default=str(GEMMA))
-    ap.add_argument("--adapters", nargs="*", default=["gemma3-270m-attn-r4", "gemma3-270m-attn-r4-curriculum_stage1", "gemma3-270m-attn-r4-seed123"])
+    ap.add_argument(
+        "--adapters", nargs="*", default=["gemma3-270m-attn-r4", "gemma3-270m-attn-r4-curriculum_stage1", "gemma3-270m-attn-r4-seed123"]
+    )
     ap.add_argument("--num-vectors", type=int, nargs="*", default=[256, 64])
     ap.add_argument("--steps", type=int, default=CalibrationSettings.steps)
     ap.add_argument("--samples", type=int, default=CalibrationSettings.samples)
     ap.add_argument("--heldout", type=int, default=160, help="held-out lines to measure on")
-    ap.add_argument("--teacher-topk", type=int, nargs="*", default=[CalibrationSettings.teacher_topk], help="several: compare sparse targets with exact (0)")
-    ap.add_argument("--skip", default="", help="comma list of: file, teacher, lora (calibration on file text, on teacher samples, the trained LoRA)")
+    ap.add_argument(
+        "--teacher-topk",
+        type=int,
+        nargs="*",
+        default=[CalibrationSettings.teacher_topk],
+        help="several: compare sparse targets with exact (0)",
+    )
+    ap.add_argument(
+        "--skip", default="", help="comma list of: file, teacher, lora (calibration on file text, on teacher samples, the trained LoRA)"
+    )
     ap.add_argument("--lora-lr", type=float, default=CalibrationSettings.lr * 0.1, help="Adam learning rate of the trained LoRA baseline")
     ap.add_argument("--device", default="cpu", help="where calibration, the trained LoRA and the measurements run (cpu, cuda)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     held = read_texts(HELDOUT)[: args.heldout]
     settings = CalibrationSettings(steps=args.steps, samples=args.samples)
-    print(f"Gemma 3 270M at {args.base}; calibration {args.steps} steps, {args.samples} samples; measured on {len(held)} held-out lines; "
-          f"{torch.get_num_threads()} threads, device {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))  # fmt: skip
-    print("| adapter | N | bytes ratio | method | KL retention | top-1 agreement | perplexity (base / teacher / candidate) | time | peak RSS |")
+    print(
+        f"Gemma 3 270M at {args.base}; calibration {args.steps} steps, {args.samples} samples; measured on {len(held)} held-out lines; "
+        f"{torch.get_num_threads()} threads, device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
+    )
+    print(
+        "| adapter | N | bytes ratio | method | KL retention | top-1 agreement | perplexity (base / teacher / candidate) | time | peak RSS |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.adapters:
@@ -118,24 +146,40 @@ def main() -> None:
             base = Base(args.base, source, args.device)
             teacher = source.delta_weights()
 
-            def row(n, ratio, method, deltas, seconds=None, rss=None):
+            def row(n, ratio, method, deltas, seconds=None, rss=None, base=base, teacher=teacher, name=name):
                 r = retention(base, held, teacher, deltas, settings.max_length)
                 p = r.perplexity
                 t = f"{seconds:.0f} s" if seconds is not None else "-"
                 m = f"{rss:.2f} GiB" if rss is not None else "-"
-                print(f"| {name} | {n} | {ratio:.1%} | {method} | {r.kl_retention:.3f} | {r.top1_agreement:.3f} | "
-                      f"{p['base']:.2f} / {p['teacher']:.2f} / {p['candidate']:.2f} | {t} | {m} |", flush=True)  # fmt: skip
+                print(
+                    f"| {name} | {n} | {ratio:.1%} | {method} | {r.kl_retention:.3f} | {r.top1_agreement:.3f} | "
+                    f"{p['base']:.2f} / {p['teacher']:.2f} / {p['candidate']:.2f} | {t} | {m} |",
+                    flush=True,
+                )
 
             for n in args.num_vectors:
                 out = Path(tmp) / f"{name}-{n}"
-                job = {"src": str(src), "out": str(out), "n": n, "base": None, "texts": None, "steps": 0, "samples": 0, "topk": 0, "device": args.device}
+                job = {
+                    "src": str(src),
+                    "out": str(out),
+                    "n": n,
+                    "base": None,
+                    "texts": None,
+                    "steps": 0,
+                    "samples": 0,
+                    "topk": 0,
+                    "device": args.device,
+                }
                 w = in_child(compress_child, job)
                 row(n, w["ratio"], "bank, weight fit only", load_adapter(out).delta_weights(), w["seconds"], w["rss"])
                 runs = [("file text", str(CALIBRATION), k) for k in args.teacher_topk] if "file" not in skip else []
                 if "teacher" not in skip:
                     runs.append(("data-free, sampled from the teacher", None, args.teacher_topk[0]))
                 for label, texts, topk in runs:
-                    c = in_child(compress_child, {**job, "base": args.base, "texts": texts, "steps": args.steps, "samples": args.samples, "topk": topk})
+                    c = in_child(
+                        compress_child,
+                        {**job, "base": args.base, "texts": texts, "steps": args.steps, "samples": args.samples, "topk": topk},
+                    )
                     what = f"bank + calibration ({label}, {'exact KL' if topk == 0 else f'top-{topk} KL'})"
                     row(n, c["ratio"], what, load_adapter(out).delta_weights(), c["calibration_seconds"], c["rss"])
                 budget, fp16 = w["bytes"], source.fp16_bytes()
@@ -148,7 +192,13 @@ def main() -> None:
                         start = time.perf_counter()
                         trained = train_lora(base, source, rank, read_texts(CALIBRATION), settings, args.lora_lr)
                         q = {k: (quantize(b.cpu(), 4), quantize(a.cpu(), 4)) for k, (b, a) in trained.items()}
-                        row(n, ratio, f"rank-{rank} LoRA from the SVD, trained like calibration (lr {args.lora_lr:g}), int4", as_deltas(source, q), time.perf_counter() - start)
+                        row(
+                            n,
+                            ratio,
+                            f"rank-{rank} LoRA from the SVD, trained like calibration (lr {args.lora_lr:g}), int4",
+                            as_deltas(source, q),
+                            time.perf_counter() - start,
+                        )
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ import torch
 
 from vbcompress import FitSettings, load_adapter, lora2vb, write_peft_lora
 from vbcompress.adapter import Adapter, LoraModule
+from vbcompress.bank.pipeline import auto_vector_length
 from vbcompress.baselines import bytes_per_rank, truncation
 from vbcompress.collection import Collection, add, pack
-from vbcompress.compress import auto_vector_length
 from vbcompress.metrics import delta_errors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def family_rows(shared: Path, family: str, names: list[str], tmp: Path) -> None:
         rep = lora2vb(p, tmp / f"solo-{p.name}", fit)
         solo_time.append(time.perf_counter() - start)
         solo.append(rep)
-    coll = pack(paths, tmp / f"pack-{family}", fit) if len(paths) > 1 else None
+    coll = Collection(pack(paths, tmp / f"pack-{family}", fit).collection) if len(paths) > 1 else None
     added, add_time = None, None
     if len(paths) > 1:
         pack(paths[:-1], tmp / f"pack-{family}-minus", fit)
@@ -90,17 +90,27 @@ def family_rows(shared: Path, family: str, names: list[str], tmp: Path) -> None:
     for i, (name, rep) in enumerate(zip(names, solo)):
         entry = coll.entry(name) if coll else None
         last = added if (added and i == len(names) - 1) else None
-        print(f"| {family} | {name} | {rep.total_rel_error:.3f} | {(rep.bytes.vb + rep.bytes.carried) / 1e3:.1f} KB | "
-              + (f"{entry.rel_error:.3f} ({entry.rel_error - rep.total_rel_error:+.3f}) | {entry.marginal_bytes / 1e3:.1f} KB | " if entry else "– | – | ")
-              + (f"{last.rel_error:.3f} ({last.rel_error - rep.total_rel_error:+.3f}) |" if last else "– |"), flush=True)  # fmt: skip
+        print(
+            f"| {family} | {name} | {rep.total_rel_error:.3f} | {(rep.bytes.vb + rep.bytes.carried) / 1e3:.1f} KB | "
+            + (
+                f"{entry.rel_error:.3f} ({entry.rel_error - rep.total_rel_error:+.3f}) | {entry.marginal_bytes / 1e3:.1f} KB | "
+                if entry
+                else "– | – | "
+            )
+            + (f"{last.rel_error:.3f} ({last.rel_error - rep.total_rel_error:+.3f}) |" if last else "– |"),
+            flush=True,
+        )
     if coll:
         total = coll.total_bytes
         carried = sum(e.carried_bytes for e in coll.entries.values())
         rank, int4 = int4_at(sources, total - carried)
         errs = ", ".join(f"{e:.3f}" for e in int4)
-        print(f"| {family} | **total** | | {solo_total / 1e3:.1f} KB | collection {total / 1e3:.1f} KB = **{total / solo_total:.1%}** of the solo outputs"
-              f" (heads {carried / 1e3:.1f} KB included); int4 at the same bytes: rank {rank}, errors {errs} | | "
-              + (f"add {add_time:.1f} s vs solo lora2vb {solo_time[-1]:.1f} s = **{add_time / solo_time[-1]:.2f}×** |" if add_time else "|"), flush=True)  # fmt: skip
+        print(
+            f"| {family} | **total** | | {solo_total / 1e3:.1f} KB | collection {total / 1e3:.1f} KB = **{total / solo_total:.1%}** of the solo outputs"
+            f" (heads {carried / 1e3:.1f} KB included); int4 at the same bytes: rank {rank}, errors {errs} | | "
+            + (f"add {add_time:.1f} s vs solo lora2vb {solo_time[-1]:.1f} s = **{add_time / solo_time[-1]:.2f}×** |" if add_time else "|"),
+            flush=True,
+        )
 
 
 def synthetic_gemma(path: Path, seed: int, rank: int = 4, layers: int = 18, task_type: str | None = "CAUSAL_LM") -> int:
@@ -110,10 +120,19 @@ def synthetic_gemma(path: Path, seed: int, rank: int = 4, layers: int = 18, task
     for layer in range(layers):
         for proj, fan_in, fan_out in GEMMA_SHAPES:
             name = f"model.layers.{layer}.self_attn.{proj}"
-            modules[name] = LoraModule(name=name, A=torch.randn(rank, fan_in, generator=gen) / fan_in**0.5,
-                                       B=torch.randn(fan_out, rank, generator=gen) * 0.01, scale=4.0)  # fmt: skip
-    adapter = Adapter(modules=modules, base_model="google/gemma-3-270m-it", task_type=task_type,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], source_format="peft")  # fmt: skip
+            modules[name] = LoraModule(
+                name=name,
+                A=torch.randn(rank, fan_in, generator=gen) / fan_in**0.5,
+                B=torch.randn(fan_out, rank, generator=gen) * 0.01,
+                scale=4.0,
+            )
+    adapter = Adapter(
+        modules=modules,
+        base_model="google/gemma-3-270m-it",
+        task_type=task_type,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        source_format="peft",
+    )
     write_peft_lora(adapter, path)
     return sum(m.num_params for m in modules.values())
 
@@ -146,7 +165,10 @@ def scale(count: int, sample: int, tmp: Path) -> None:
             coll = Collection(tmp / "coll")
             disk = coll.disk_bytes()
             done = (n - sample - 1) % block + 1
-            print(f"| {n} | {block_t / done:.2f} | {rss_now_gib():.2f} GiB | {rss_peak_gib():.2f} GiB | {disk / 1e6:.1f} MB | {disk / n / 1e3:.1f} KB |", flush=True)
+            print(
+                f"| {n} | {block_t / done:.2f} | {rss_now_gib():.2f} GiB | {rss_peak_gib():.2f} GiB | {disk / 1e6:.1f} MB | {disk / n / 1e3:.1f} KB |",
+                flush=True,
+            )
             block_t = 0.0
 
 
@@ -182,10 +204,10 @@ def peft_memory(count: int, tmp: Path) -> None:
     for i in range(count):
         synthetic_gemma(tmp / f"m{i}", 1000 + i, task_type=None)  # a bare skeleton is no causal LM for PEFT
         srcs.append(tmp / f"m{i}")
-    coll = pack(srcs, tmp / "mem", FitSettings(num_vectors=2048, vector_length=128, iters=2, refine_steps=10))
+    coll = Collection(pack(srcs, tmp / "mem", FitSettings(num_vectors=2048, vector_length=128, iters=2, refine_steps=10)).collection)
     names = coll.names
     shared = coll.load_peft(skeleton(), names)
-    paths = coll.unpack(names, tmp / "unpacked")
+    paths = coll.unpack(names, tmp / "unpacked").paths
     separate = PeftModel.from_pretrained(skeleton(), str(paths[0]), adapter_name=names[0])
     for name, path in zip(names[1:], paths[1:]):
         separate.load_adapter(str(path), adapter_name=name)
@@ -194,7 +216,9 @@ def peft_memory(count: int, tmp: Path) -> None:
     print("| load | bank bytes | other adapter parameters (PEFT expands codes to full logits) | total |")
     print("|---|---|---|---|")
     print(f"| unpacked adapters loaded one by one | {pb / 1e6:.1f} MB | {po / 1e6:.1f} MB | {(pb + po) / 1e6:.1f} MB |")
-    print(f"| `Collection.load_peft` (one bank) | {sb / 1e6:.1f} MB | {so / 1e6:.1f} MB | {(sb + so) / 1e6:.1f} MB ({(sb + so) / (pb + po):.1%}) |")
+    print(
+        f"| `Collection.load_peft` (one bank) | {sb / 1e6:.1f} MB | {so / 1e6:.1f} MB | {(sb + so) / 1e6:.1f} MB ({(sb + so) / (pb + po):.1%}) |"
+    )
 
 
 def main() -> None:

@@ -16,12 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from vbcompress import FitSettings, load_adapter, lora2vb
+from vbcompress.bank.pipeline import auto_vector_length
 from vbcompress.baselines import truncation
-from vbcompress.compress import auto_vector_length
 from vbcompress.errors import VBCompressError
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -37,7 +36,9 @@ def main() -> None:
     names = args.adapters or sorted(p.name for p in corpus.iterdir() if p.is_dir())
     fit = dict(iters=5, refine_steps=50) if args.fast else {}
     fit.update(init=args.init, partners=args.partners or None)
-    print("| adapter | N | L | k | R | bytes ratio | vbcompress | SVD fp16 (rank) | int8 (rank) | int4 (rank) | best at this size | fit time |")
+    print(
+        "| adapter | N | L | k | R | bytes ratio | vbcompress | SVD fp16 (rank) | int8 (rank) | int4 (rank) | best at this size | fit time |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         try:
@@ -62,7 +63,8 @@ def main() -> None:
             best = min(results, key=results.get)
             print(
                 f"| {name} | {n} | {length} | {k} | {rank or r} | {rep.bytes.ratio:.1%} | {rep.total_rel_error:.3f} | "
-                + " | ".join(cells) + f" | {best} | {seconds:.0f} s |",
+                + " | ".join(cells)
+                + f" | {best} | {seconds:.0f} s |",
                 flush=True,
             )
 

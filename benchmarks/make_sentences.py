@@ -10,8 +10,42 @@ import inspect
 import re
 from pathlib import Path
 
-CALIBRATION_MODULES = ["argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "functools", "http.client", "logging", "os", "pathlib", "random", "re", "socket", "sqlite3", "subprocess", "threading", "unittest", "urllib.request"]
-HELDOUT_MODULES = ["json", "itertools", "shutil", "tarfile", "textwrap", "typing", "zipfile", "heapq", "statistics", "string", "tempfile", "difflib"]
+CALIBRATION_MODULES = [
+    "argparse",
+    "asyncio",
+    "collections",
+    "csv",
+    "datetime",
+    "decimal",
+    "email",
+    "functools",
+    "http.client",
+    "logging",
+    "os",
+    "pathlib",
+    "random",
+    "re",
+    "socket",
+    "sqlite3",
+    "subprocess",
+    "threading",
+    "unittest",
+    "urllib.request",
+]
+HELDOUT_MODULES = [
+    "json",
+    "itertools",
+    "shutil",
+    "tarfile",
+    "textwrap",
+    "typing",
+    "zipfile",
+    "heapq",
+    "statistics",
+    "string",
+    "tempfile",
+    "difflib",
+]
 
 
 def sentences(module_names: list[str]) -> list[str]:
@@ -22,7 +56,13 @@ def sentences(module_names: list[str]) -> list[str]:
         for doc in docs:
             text = re.sub(r"\s+", " ", doc)
             for s in re.split(r"(?<=[.!?])\s+", text):
-                if 50 <= len(s) <= 200 and s[0].isupper() and s.endswith(".") and not re.search(r"[>{}\[\]=_`|]|\.\.\.|::", s) and s not in seen:
+                if (
+                    50 <= len(s) <= 200
+                    and s[0].isupper()
+                    and s.endswith(".")
+                    and not re.search(r"[>{}\[\]=_`|]|\.\.\.|::", s)
+                    and s not in seen
+                ):
                     seen.add(s)
                     out.append(s)
     return out

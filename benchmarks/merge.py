@@ -8,8 +8,8 @@ Usage: python benchmarks/merge.py [--gib 2] [--shards 4]
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -68,7 +68,18 @@ def main() -> None:
         shutil.copytree(tmp / "base", tmp / "copy")
         copy_s = time.perf_counter() - start
         shutil.rmtree(tmp / "copy")
-        cmd = [sys.executable, "-m", "vbcompress.cli", "merge", "--base", str(tmp / "base"), "--adapter", str(tmp / "lora"), "-o", str(tmp / "merged")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vbcompress.cli",
+            "merge",
+            "--base",
+            str(tmp / "base"),
+            "--adapter",
+            str(tmp / "lora"),
+            "-o",
+            str(tmp / "merged"),
+        ]
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         _, status, usage = os.wait4(proc.pid, 0)

@@ -74,7 +74,9 @@ def main() -> None:
     ap.add_argument("--ratio-threshold", type=float, default=4.0, help="X for the ratio rule (σ_max / X)")
     args = ap.parse_args()
     kohya = import_kohya(args.sd_scripts)
-    print("| input | rule (ours ↔ kohya) | X | modules | same rank | ranks ours / kohya (mean) | max ΔW difference, same-rank modules | vbcompress | kohya resize_lora.py |")
+    print(
+        "| input | rule (ours ↔ kohya) | X | modules | same rank | ranks ours / kohya (mean) | max ΔW difference, same-rank modules | vbcompress | kohya resize_lora.py |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -91,7 +93,13 @@ def main() -> None:
                 x = args.ratio_threshold if rule == "ratio" else args.threshold
                 out = tmp / f"ours-{rule}"
                 start = time.perf_counter()
-                to_lora(file.parent if file.name == "adapter_model.safetensors" else file, out, "auto", RankSettings(rule=rule, threshold=x), overwrite=True)
+                to_lora(
+                    file.parent if file.name == "adapter_model.safetensors" else file,
+                    out,
+                    "auto",
+                    RankSettings(rule=rule, threshold=x),
+                    overwrite=True,
+                )
                 ours_t = time.perf_counter() - start
                 start = time.perf_counter()
                 sd = load_file(file)
@@ -110,9 +118,12 @@ def main() -> None:
                         mine = mine / source.modules[n].scale  # kohya reads PEFT factors without lora_alpha
                     diff = max(diff or 0.0, float((mine - kd).norm() / kd.norm().clamp_min(1e-12)))
                 mean = lambda rs: sum(rs) / len(rs)  # noqa: E731
-                print(f"| {label} | {rule} ↔ {KOHYA_RULE[rule]} | {x} | {len(k_ranks)} | {same}/{len(k_ranks)} | "
-                      f"{mean([ours.modules[n].r for n in k_ranks]):.2f} / {mean(list(k_ranks.values())):.2f} | {'-' if diff is None else f'{diff:.1e}'} | "
-                      f"{ours_t:.2f} s | {kohya_t:.2f} s ({kohya_t / ours_t:.1f}×) |", flush=True)  # fmt: skip
+                print(
+                    f"| {label} | {rule} ↔ {KOHYA_RULE[rule]} | {x} | {len(k_ranks)} | {same}/{len(k_ranks)} | "
+                    f"{mean([ours.modules[n].r for n in k_ranks]):.2f} / {mean(list(k_ranks.values())):.2f} | {'-' if diff is None else f'{diff:.1e}'} | "
+                    f"{ours_t:.2f} s | {kohya_t:.2f} s ({kohya_t / ours_t:.1f}×) |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

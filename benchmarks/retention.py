@@ -87,19 +87,48 @@ def main() -> None:
     for rank in (1, 2, 4):
         lora, _ = truncate(source, rank)
         ratio = 2 * lora.num_lora_params / source.fp16_bytes()
-        print(f"| SVD truncation r={rank} (fp16) | {ratio:.1%} | {delta_errors(source, lora).total_rel_error:.3f} | {score(deltas_of(lora)):.3f} |", flush=True)
+        print(
+            f"| SVD truncation r={rank} (fp16) | {ratio:.1%} | {delta_errors(source, lora).total_rel_error:.3f} | {score(deltas_of(lora)):.3f} |",
+            flush=True,
+        )
         if rank < 4:
             trained = trained_low_rank(source, base, train, rank, args.steps)
-            err = math.sqrt(sum(float((trained[n] - ref[n]).square().sum()) for n in ref) / sum(float(d.square().sum()) for d in ref.values()))
-            print(f"| rank-{rank} LoRA trained on the calibration inputs (fp16) | {ratio:.1%} | {err:.3f} | {score(trained):.3f} |", flush=True)
+            err = math.sqrt(
+                sum(float((trained[n] - ref[n]).square().sum()) for n in ref) / sum(float(d.square().sum()) for d in ref.values())
+            )
+            print(
+                f"| rank-{rank} LoRA trained on the calibration inputs (fp16) | {ratio:.1%} | {err:.3f} | {score(trained):.3f} |",
+                flush=True,
+            )
     with tempfile.TemporaryDirectory() as tmp:
         for n, length, dtype, rank, weights_only in CONFIGS:
             for calibrated in (False, True) if weights_only else (True,):
                 out = Path(tmp) / f"{n}-{length}-{dtype}-r{rank}-{calibrated}"
-                extra = {"base": base_dir, "texts": calibration, "calibration": CalibrationSettings(steps=args.steps, samples=args.samples, lr=args.lr)} if calibrated else {}
-                rep = lora2vb(adapter_dir, out, FitSettings(num_vectors=n, vector_length=length, rank=rank), output=OutputSettings(bank_dtype=dtype), **extra)
-                label = f"bank N={n} L={length} {dtype}" + (f" r={rank}" if rank else "") + (" + calibration" if calibrated else " (weights only)")
-                print(f"| {label} | {rep.bytes.ratio:.1%} | {rep.total_rel_error:.3f} | {score(deltas_of(load_adapter(out))):.3f} |", flush=True)
+                extra = (
+                    {
+                        "base": base_dir,
+                        "texts": calibration,
+                        "calibration": CalibrationSettings(steps=args.steps, samples=args.samples, lr=args.lr),
+                    }
+                    if calibrated
+                    else {}
+                )
+                rep = lora2vb(
+                    adapter_dir,
+                    out,
+                    FitSettings(num_vectors=n, vector_length=length, rank=rank),
+                    output=OutputSettings(bank_dtype=dtype),
+                    **extra,
+                )
+                label = (
+                    f"bank N={n} L={length} {dtype}"
+                    + (f" r={rank}" if rank else "")
+                    + (" + calibration" if calibrated else " (weights only)")
+                )
+                print(
+                    f"| {label} | {rep.bytes.ratio:.1%} | {rep.total_rel_error:.3f} | {score(deltas_of(load_adapter(out))):.3f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -20,10 +20,14 @@ import torch
 from safetensors.torch import save_file
 
 SHAPES = {  # module: (out, in)
-    "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
-    "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
+    "self_attn.q_proj": (4096, 4096),
+    "self_attn.k_proj": (4096, 4096),
+    "self_attn.v_proj": (4096, 4096),
+    "self_attn.o_proj": (4096, 4096),
+    "mlp.gate_proj": (11008, 4096),
+    "mlp.up_proj": (11008, 4096),
     "mlp.down_proj": (4096, 11008),
-}  # fmt: skip
+}
 
 
 def make_adapter(path: Path, layers: int, r: int = 16, seed: int = 0) -> int:
@@ -92,8 +96,14 @@ def main() -> None:
         base_t, base_rss, _ = timed(cli + ["eval", str(src), str(src), "--json"])
         import json
 
-        payload = {"src": str(src), "out": str(Path(tmp) / "vb"), "n": args.num_vectors, "iters": args.iters,
-                   "refine": args.refine_steps, "device": args.device}  # fmt: skip
+        payload = {
+            "src": str(src),
+            "out": str(Path(tmp) / "vb"),
+            "n": args.num_vectors,
+            "iters": args.iters,
+            "refine": args.refine_steps,
+            "device": args.device,
+        }
         fit_t, fit_rss, out = timed([sys.executable, "-c", FIT, json.dumps(payload)])
         result = json.loads(out.strip().splitlines()[-1])
         report = result["report"]
@@ -106,8 +116,14 @@ def main() -> None:
     print(f"| lora2vb (iters={args.iters}, refine={args.refine_steps}) | {fit_t:.1f} s | {fit_rss:.2f} GiB | {fit_t / base_t:.1f} |")
     print(f"| resize --rank auto (sara 0.9) | {resize_t:.1f} s | {resize_rss:.2f} GiB | {resize_t / base_t:.1f} |")
     print(f"| vb2lora of the lora2vb output (exact, full rank) | {dense_t:.1f} s | {dense_rss:.2f} GiB | {dense_t / base_t:.1f} |")
-    print(f"ΔW error {report['total_rel_error']:.4f}, {report['bytes']['vb'] / 1e6:.2f} MB = {report['bytes']['ratio']:.2%} of fp16 LoRA; stages {report['fit_stages']}")
-    print("where the time goes: " + ", ".join(f"{k} {v:.1f} s ({v / fit_t:.0%})" for k, v in result["stages"].items()) + "; the rest: starting Python, importing torch")
+    print(
+        f"ΔW error {report['total_rel_error']:.4f}, {report['bytes']['vb'] / 1e6:.2f} MB = {report['bytes']['ratio']:.2%} of fp16 LoRA; stages {report['fit_stages']}"
+    )
+    print(
+        "where the time goes: "
+        + ", ".join(f"{k} {v:.1f} s ({v / fit_t:.0%})" for k, v in result["stages"].items())
+        + "; the rest: starting Python, importing torch"
+    )
 
 
 if __name__ == "__main__":

@@ -154,11 +154,24 @@ class FakeHub:
         if (found := self.at_revision(h, repo_id, revision, method)) is None:
             return
         repo, sha = found
-        self.send(h, 200, {
-            "_id": repo_id, "id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
-            "gated": repo.gated, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
-            "siblings": [{"rfilename": p} for p in sorted(repo.files)],
-        }, method=method)  # fmt: skip
+        self.send(
+            h,
+            200,
+            {
+                "_id": repo_id,
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": sha,
+                "private": repo.private,
+                "gated": repo.gated,
+                "disabled": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "siblings": [{"rfilename": p} for p in sorted(repo.files)],
+            },
+            method=method,
+        )
 
     def tree(self, h, repo_id: str, revision: str, method: str):
         if (found := self.at_revision(h, repo_id, revision, method)) is None:
@@ -220,6 +233,8 @@ class FakeHub:
             item = json.loads(line)
             if item["key"] == "file":
                 value = item["value"]
-                store[value["path"]] = base64.b64decode(value["content"]) if value.get("encoding") == "base64" else value["content"].encode()
+                store[value["path"]] = (
+                    base64.b64decode(value["content"]) if value.get("encoding") == "base64" else value["content"].encode()
+                )
         oid = hashlib.sha1(json.dumps(sorted(store)).encode()).hexdigest()
         self.send(h, 200, {"success": True, "commitOid": oid, "commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "pullRequestUrl": None})

@@ -69,39 +69,50 @@ def saved(tensors: dict[str, torch.Tensor]) -> bytes:
 # ------------------------------------------------------------------ named cases
 
 
-@pytest.mark.parametrize("entry, problem", [
-    ({"dtype": "F32", "shape": [2], "data_offsetz": [0, 8]}, "data_offsets"),
-    ({"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}, "data_offsets"),
-    ({"dtype": "F32", "shape": [2], "data_offsets": None}, "data_offsets"),
-    ({"dtype": "F32", "shape": [2], "data_offsets": 8}, "data_offsets"),
-    ({"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}, "needs 8"),
-    ({"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}, "unknown dtype"),
-    ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, "invalid shape"),
-    ("not an object", "not an object"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        ({"dtype": "F32", "shape": [2], "data_offsetz": [0, 8]}, "data_offsets"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}, "data_offsets"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": None}, "data_offsets"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": 8}, "data_offsets"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}, "needs 8"),
+        ({"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}, "unknown dtype"),
+        ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, "invalid shape"),
+        ("not an object", "not an object"),
+    ],
+)
 def test_broken_header_entries(tmp_path, entry, problem):
     d = adapter_dir(tmp_path, with_header({"base_model.model.q.lora_A.weight": entry}, b"\0" * 8))
     one_line_error(run("inspect", d), "adapter_model.safetensors", problem)
 
 
 def test_overlapping_tensors_and_deep_json(tmp_path):
-    header = {k: {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]} for k in ("base_model.model.q.lora_A.weight", "base_model.model.q.lora_B.weight")}
+    header = {
+        k: {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+        for k in ("base_model.model.q.lora_A.weight", "base_model.model.q.lora_B.weight")
+    }
     one_line_error(run("inspect", adapter_dir(tmp_path, with_header(header, b"\0" * 8))), "overlap")
     one_line_error(run("inspect", adapter_dir(tmp_path, with_header("[" * 100_000 + "]" * 100_000))), "corrupt safetensors header")
 
 
-@pytest.mark.parametrize("change, problem", [
-    ({"alpha_pattern": ["q", 16]}, "alpha_pattern must be an object"),
-    ({"alpha_pattern": {"(unclosed": 16}}, "not a regular expression"),
-    ({"lora_alpha": float("nan")}, "lora_alpha"),
-    ({"lora_alpha": float("inf")}, "lora_alpha"),
-    ({"lora_alpha": 1e300}, "lora_alpha"),
-    ({"r": 0}, "r = 0"),
-    ({"r": 4}, "the config says r = 4"),
-    ({"use_rslora": "yes"}, "use_rslora"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"alpha_pattern": ["q", 16]}, "alpha_pattern must be an object"),
+        ({"alpha_pattern": {"(unclosed": 16}}, "not a regular expression"),
+        ({"lora_alpha": float("nan")}, "lora_alpha"),
+        ({"lora_alpha": float("inf")}, "lora_alpha"),
+        ({"lora_alpha": 1e300}, "lora_alpha"),
+        ({"r": 0}, "r = 0"),
+        ({"r": 4}, "the config says r = 4"),
+        ({"use_rslora": "yes"}, "use_rslora"),
+    ],
+)
 def test_broken_configs(tmp_path, change, problem):
-    one_line_error(run("inspect", adapter_dir(tmp_path, config={**CONFIG, **change})), "adapter_config.json" if "says" not in problem else "a", problem)
+    one_line_error(
+        run("inspect", adapter_dir(tmp_path, config={**CONFIG, **change})), "adapter_config.json" if "says" not in problem else "a", problem
+    )
 
 
 def test_missing_peft_type_is_read_as_lora(tmp_path):
@@ -127,12 +138,18 @@ def test_rank_zero_factors(tmp_path):
 
 
 def test_kohya_alpha_that_is_empty(tmp_path):
-    tensors = {"lora_unet_x.lora_down.weight": torch.randn(4, 16), "lora_unet_x.lora_up.weight": torch.randn(16, 4), "lora_unet_x.alpha": torch.zeros(0)}
+    tensors = {
+        "lora_unet_x.lora_down.weight": torch.randn(4, 16),
+        "lora_unet_x.lora_up.weight": torch.randn(16, 4),
+        "lora_unet_x.alpha": torch.zeros(0),
+    }
     save_file(tensors, tmp_path / "k.safetensors")
     one_line_error(run("inspect", tmp_path / "k.safetensors"), "k.safetensors", "alpha must hold one number")
 
 
-@pytest.mark.parametrize("meta, problem", [("[1, 2]", "must be a JSON object"), ('{"r": 0}', "r = 0"), ('{"r": 4, "lora_alpha": -1}', "lora_alpha")])
+@pytest.mark.parametrize(
+    "meta, problem", [("[1, 2]", "must be a JSON object"), ('{"r": 0}', "r = 0"), ('{"r": 4, "lora_alpha": -1}', "lora_alpha")]
+)
 def test_diffusers_metadata_is_checked_like_a_config(tmp_path, meta, problem):
     tensors = {"unet.x.lora_A.weight": torch.randn(4, 16), "unet.x.lora_B.weight": torch.randn(16, 4)}
     save_file(tensors, tmp_path / "d.safetensors", metadata={"lora_adapter_metadata": meta})
@@ -140,14 +157,23 @@ def test_diffusers_metadata_is_checked_like_a_config(tmp_path, meta, problem):
 
 
 def test_vblora_with_float_indices_or_2d_logits(tmp_path):
-    vb = {"base_model.vblora_vector_bank": torch.randn(8, 16),
-          "base_model.model.q.vblora_logits_A_topk_indices": torch.zeros(2, 1, 2), "base_model.model.q.vblora_logits_A_topk_weights": torch.full((2, 1, 1), 0.5),
-          "base_model.model.q.vblora_logits_B_topk_indices": torch.zeros(1, 2, 2, dtype=torch.uint8), "base_model.model.q.vblora_logits_B_topk_weights": torch.full((1, 2, 1), 0.5)}  # fmt: skip
+    vb = {
+        "base_model.vblora_vector_bank": torch.randn(8, 16),
+        "base_model.model.q.vblora_logits_A_topk_indices": torch.zeros(2, 1, 2),
+        "base_model.model.q.vblora_logits_A_topk_weights": torch.full((2, 1, 1), 0.5),
+        "base_model.model.q.vblora_logits_B_topk_indices": torch.zeros(1, 2, 2, dtype=torch.uint8),
+        "base_model.model.q.vblora_logits_B_topk_weights": torch.full((1, 2, 1), 0.5),
+    }
     config = {"peft_type": "VBLORA", "r": 2, "num_vectors": 8, "vector_length": 16, "topk": 2}
     one_line_error(run("inspect", adapter_dir(tmp_path, saved(vb), config=config)), "must be 3-D integers")
-    full = {"base_model.vblora_vector_bank": torch.randn(8, 16), "base_model.model.q.vblora_logits_A": torch.randn(2, 8),
-            "base_model.model.q.vblora_logits_B": torch.randn(1, 2, 8)}  # fmt: skip
-    one_line_error(run("inspect", adapter_dir(tmp_path, saved(full), config={**config, "save_only_topk_weights": False})), "3-D floating logits")
+    full = {
+        "base_model.vblora_vector_bank": torch.randn(8, 16),
+        "base_model.model.q.vblora_logits_A": torch.randn(2, 8),
+        "base_model.model.q.vblora_logits_B": torch.randn(1, 2, 8),
+    }
+    one_line_error(
+        run("inspect", adapter_dir(tmp_path, saved(full), config={**config, "save_only_topk_weights": False})), "3-D floating logits"
+    )
 
 
 def pickle_bytes(obj) -> bytes:
@@ -260,12 +286,18 @@ def test_fuzz_truncation(tmp_path, cut):
     read_or_refuse(adapter_dir(tmp_path, WEIGHTS[:cut]))
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 2**40) | st.floats() | st.text(max_size=6),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)  # fmt: skip
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 2**40) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
 
 
 @FUZZ
-@given(st.sampled_from(["r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora", "fan_in_fan_out", "peft_type", "target_modules"]), JSON)
+@given(
+    st.sampled_from(["r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora", "fan_in_fan_out", "peft_type", "target_modules"]),
+    JSON,
+)
 def test_fuzz_config_values(tmp_path, key, value):
     read_or_refuse(adapter_dir(tmp_path, config={**CONFIG, key: value}))
 

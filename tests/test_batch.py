@@ -106,7 +106,9 @@ def test_worker_processes_write_the_same_codes_as_a_serial_run(sources, tmp_path
     report = add(pooled, sources[1][:4], fit=ENCODE, workers=2)
     assert len(report.added) == 4
     assert codes_of(pooled) == codes_of(serial)
-    assert {n: e.rel_error for n, e in Collection(pooled).entries.items()} == {n: e.rel_error for n, e in Collection(serial).entries.items()}
+    assert {n: e.rel_error for n, e in Collection(pooled).entries.items()} == {
+        n: e.rel_error for n, e in Collection(serial).entries.items()
+    }
 
 
 @pytest.mark.slow

@@ -31,7 +31,14 @@ def heldout(tmp_path_factory):
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     out = tmp_path_factory.mktemp("cal") / "cal"
-    report = lora2vb(MINILM_ADAPTER, out, FitSettings(**SMALL), calibration=CalibrationSettings(steps=60, samples=96), base=MINILM_BASE, texts=CALIBRATION)
+    report = lora2vb(
+        MINILM_ADAPTER,
+        out,
+        FitSettings(**SMALL),
+        calibration=CalibrationSettings(steps=60, samples=96),
+        base=MINILM_BASE,
+        texts=CALIBRATION,
+    )
     return out, report
 
 
@@ -86,11 +93,15 @@ def test_eval_retention_matches_a_hand_computation_with_transformers(tmp_path, h
     expected = float(1 - (pooled(half) - ref).norm() / (ref - base).norm())
     got = evaluate(MINILM_ADAPTER, tmp_path / "half", base=MINILM_BASE, data=heldout).function.effect_retention
     assert got == pytest.approx(expected, abs=1e-4) and 0.2 < got < 0.8
-    assert evaluate(MINILM_ADAPTER, tmp_path / "empty", base=MINILM_BASE, data=heldout).function.effect_retention == pytest.approx(0.0, abs=1e-5)
+    assert evaluate(MINILM_ADAPTER, tmp_path / "empty", base=MINILM_BASE, data=heldout).function.effect_retention == pytest.approx(
+        0.0, abs=1e-5
+    )
 
 
 def test_data_free_calibration_keeps_more_of_the_effect_on_real_text(tmp_path, heldout):
-    report = lora2vb(MINILM_ADAPTER, tmp_path / "o", FitSettings(**SMALL), calibration=CalibrationSettings(steps=40, samples=64), base=MINILM_BASE)
+    report = lora2vb(
+        MINILM_ADAPTER, tmp_path / "o", FitSettings(**SMALL), calibration=CalibrationSettings(steps=40, samples=64), base=MINILM_BASE
+    )
     assert report.calibration.data == "data-free: random vocabulary" and report.calibration.calibration_file is None
     lora2vb(MINILM_ADAPTER, tmp_path / "w", FitSettings(**SMALL))
     # trained on random tokens, measured on held-out English sentences it never saw
@@ -102,15 +113,20 @@ def test_data_free_calibration_keeps_more_of_the_effect_on_real_text(tmp_path, h
 def test_bad_base_is_refused_before_any_training(tmp_path, monkeypatch):
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=128)).save_pretrained(tmp_path / "tiny")
+    BertModel(BertConfig(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=128)).save_pretrained(
+        tmp_path / "tiny"
+    )
     (tmp_path / "tiny" / "vocab.txt").write_text((MINILM_BASE / "vocab.txt").read_text())
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started before the base was checked")
 
     monkeypatch.setattr(fit, "fit_bank", no_training)
-    monkeypatch.setattr("vbcompress.compress.fit_bank", no_training)
-    with pytest.raises(ShapeError, match=r"base model does not fit the adapter: encoder\.layer\.0\.attention\.self\.query \(weight \[64, 64\], adapter ΔW \[384, 384\]\)"):
+    monkeypatch.setattr("vbcompress.bank.pipeline.fit_bank", no_training)
+    with pytest.raises(
+        ShapeError,
+        match=r"base model does not fit the adapter: encoder\.layer\.0\.attention\.self\.query \(weight \[64, 64\], adapter ΔW \[384, 384\]\)",
+    ):
         lora2vb(MINILM_ADAPTER, tmp_path / "o", base=tmp_path / "tiny", texts=CALIBRATION)
     assert not (tmp_path / "o").exists()
 

@@ -14,10 +14,12 @@ import torch
 from vbcompress import CalibrationSettings, FitSettings, load_adapter
 from vbcompress.bank import fit
 from vbcompress.bank.calibrate import TokenKL
+from vbcompress.bank.pipeline import calibration_texts
 from vbcompress.basemodel import Base, read_texts, retention
-from vbcompress.compress import REPORT_FILE, calibration_texts, lora2vb
+from vbcompress.compress import lora2vb
 from vbcompress.errors import FormatError, VBCompressError
 from vbcompress.evaluate import evaluate
+from vbcompress.files import REPORT_FILE
 
 from .conftest import ADAPTERS, REPO, tiny_causal_base, tiny_causal_lora
 
@@ -95,7 +97,7 @@ def refuses_before_training(monkeypatch):
         raise AssertionError("training started before the input was checked")
 
     monkeypatch.setattr(fit, "fit_bank", no_training)
-    monkeypatch.setattr("vbcompress.compress.fit_bank", no_training)
+    monkeypatch.setattr("vbcompress.bank.pipeline.fit_bank", no_training)
 
 
 def test_bad_causal_inputs_are_refused_before_training(tiny, tmp_path, monkeypatch):

@@ -106,7 +106,14 @@ def test_missing_config(broken):
     assert_one_line_error(run("inspect", d), "adapter_config.json", "missing")
 
 
-@pytest.mark.parametrize("config, problem", [("{oops", "invalid JSON"), ('{"peft_type": "LORA", "r": 8, "lora_alpha": "big"}', "lora_alpha"), ('{"peft_type": "IA3"}', "unsupported peft_type")])
+@pytest.mark.parametrize(
+    "config, problem",
+    [
+        ("{oops", "invalid JSON"),
+        ('{"peft_type": "LORA", "r": 8, "lora_alpha": "big"}', "lora_alpha"),
+        ('{"peft_type": "IA3"}', "unsupported peft_type"),
+    ],
+)
 def test_invalid_config(broken, config, problem):
     assert_one_line_error(run("inspect", broken(config=config)), "adapter_config.json", problem)
 

@@ -28,8 +28,11 @@ FAST = FitSettings(num_vectors=64, vector_length=128, iters=4, refine_steps=30, 
 
 
 def digest(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}  # fmt: skip
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +55,8 @@ def family(tmp_path_factory):
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory, family):
     out = tmp_path_factory.mktemp("coll") / "minilm"
-    coll = pack([family["real"], family["sibling"]], out, FAST, names=["real", "sibling"])
-    return coll
+    pack([family["real"], family["sibling"]], out, FAST, names=["real", "sibling"])
+    return Collection(out)
 
 
 def fresh_copy(packed, tmp_path):
@@ -63,7 +66,7 @@ def fresh_copy(packed, tmp_path):
 
 def test_stated_errors_equal_errors_of_unpacked_files(packed, family, tmp_path):
     for name in packed.names:
-        path = packed.unpack([name], tmp_path / name)[0]
+        path = packed.unpack([name], tmp_path / name).paths[0]
         measured = delta_errors(load_adapter(family[name]), load_adapter(path)).total_rel_error
         assert packed.entry(name).rel_error == pytest.approx(measured, abs=1e-4)
         assert measured < 1  # the shared bank keeps part of each adapter, for both of them
@@ -72,7 +75,7 @@ def test_stated_errors_equal_errors_of_unpacked_files(packed, family, tmp_path):
 def test_peft_loads_an_unpacked_adapter_with_our_outputs(packed, minilm, tmp_path):
     from peft import PeftModel
 
-    path = packed.unpack(["sibling"], tmp_path / "sibling")[0]
+    path = packed.unpack(["sibling"], tmp_path / "sibling").paths[0]
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["peft_type"] == "VBLORA" and config["save_only_topk_weights"] is True
     _, fresh, batch = minilm
@@ -98,7 +101,9 @@ def test_add_fits_codes_only_and_changes_no_existing_file(packed, family, tmp_pa
     before = digest(root)
     (entry,) = add(root, [family["cousin"]], fit=FAST).added
     after = digest(root)
-    assert {k: v for k, v in after.items() if k in before and k != "collection.json"} == {k: v for k, v in before.items() if k != "collection.json"}
+    assert {k: v for k, v in after.items() if k in before and k != "collection.json"} == {
+        k: v for k, v in before.items() if k != "collection.json"
+    }
     assert entry.name == "cousin" and entry.rank == 4 and entry.added_by == "add"
     coll = Collection(root)
     assert coll.names == ["real", "sibling", "cousin"]
@@ -108,17 +113,18 @@ def test_add_fits_codes_only_and_changes_no_existing_file(packed, family, tmp_pa
 
 
 def test_failed_add_leaves_the_collection_as_it_was(packed, family, tmp_path, monkeypatch):
-    import vbcompress.collection as collection
+    import vbcompress.collection.batch as batch
+    import vbcompress.collection.store as store
 
     root = fresh_copy(packed, tmp_path)
     before = digest(root)
-    real_save = collection.save_tensors
+    real_save = store.save_tensors
 
     def half_written(tensors, path, *args):
         real_save(dict(list(tensors.items())[:1]), path, *args)
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(collection, "save_tensors", half_written)
+    monkeypatch.setattr(store, "save_tensors", half_written)
     with pytest.raises(OSError, match="injected"):
         add(root, [family["cousin"]], fit=FAST)
     assert digest(root) == before
@@ -127,12 +133,12 @@ def test_failed_add_leaves_the_collection_as_it_was(packed, family, tmp_path, mo
     def no_manifest(*args):
         raise OSError("killed before the manifest (injected)")
 
-    monkeypatch.setattr(collection, "write_manifest", no_manifest)
+    monkeypatch.setattr(batch, "write_manifest", no_manifest)
     with pytest.raises(OSError, match="injected"):
         add(root, [family["cousin"]], fit=FAST)
     assert digest(root) == before
     monkeypatch.undo()
-    assert Collection(root).unpack(["real"], tmp_path / "u")[0].is_dir()
+    assert Collection(root).unpack(["real"], tmp_path / "u").paths[0].is_dir()
 
 
 def test_killed_add_leaves_a_valid_collection_and_the_next_add_cleans_up(packed, family, tmp_path):
@@ -141,15 +147,15 @@ def test_killed_add_leaves_a_valid_collection_and_the_next_add_cleans_up(packed,
     # SIGKILL at the worst moment: the new adapter's folder is in place, the manifest not yet replaced.
     script = (
         "import os, signal, sys\n"
-        "import vbcompress.collection as c\n"
-        "c.write_manifest = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "import vbcompress.collection as c, vbcompress.collection.batch as b\n"
+        "b.write_manifest = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
         f"c.add({str(root)!r}, [{str(family['cousin'])!r}], fit=c.FitSettings(code_refine_steps=5))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert result.returncode == -9
     assert (root / "adapters" / "cousin").is_dir()  # the orphan the kill left
     assert Collection(root).names == names
-    assert Collection(root).unpack(["sibling"], tmp_path / "u")[0].is_dir()
+    assert Collection(root).unpack(["sibling"], tmp_path / "u").paths[0].is_dir()
     add(root, [family["cousin"]], fit=FAST)
     assert Collection(root).names == names + ["cousin"]
     assert not list(root.glob(".tmp-*"))
@@ -165,7 +171,7 @@ def test_a_second_writer_gets_a_clear_error(packed, family, tmp_path):
 
 
 def test_dense_unpack_at_full_rank_reproduces_the_vb_delta(packed, tmp_path):
-    path = packed.unpack(["real"], tmp_path / "dense", dense=True)[0]
+    path = packed.unpack(["real"], tmp_path / "dense", dense=True).paths[0]
     dense = load_adapter(path)
     assert json.loads((path / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert delta_errors(packed.adapter("real"), dense).total_rel_error <= 1e-5
@@ -176,8 +182,10 @@ def test_remove_drops_the_adapter_and_keeps_the_others(packed, tmp_path):
     remove(root, ["sibling"])
     coll = Collection(root)
     assert coll.names == ["real"] and not (root / "adapters" / "sibling").exists()
-    torch.testing.assert_close(coll.adapter("real").modules["encoder.layer.0.attention.self.query"].A,
-                               packed.adapter("real").modules["encoder.layer.0.attention.self.query"].A)  # fmt: skip
+    torch.testing.assert_close(
+        coll.adapter("real").modules["encoder.layer.0.attention.self.query"].A,
+        packed.adapter("real").modules["encoder.layer.0.attention.self.query"].A,
+    )
 
 
 def test_codes_are_stored_compactly_and_bytes_are_the_file_tensors(packed):
@@ -270,6 +278,7 @@ def test_each_adapter_weighs_equally_so_a_large_one_cannot_swallow_the_bank(fami
     for m in loud.modules.values():  # another adapter of the base, 30× the norm of the real one
         m.B = 30 * (m.B + m.B.std() * torch.randn(m.B.shape, generator=gen))
     write_peft_lora(loud, tmp_path / "loud")
-    coll = pack([family["real"], tmp_path / "loud"], tmp_path / "c", FAST)
+    pack([family["real"], tmp_path / "loud"], tmp_path / "c", FAST)
+    coll = Collection(tmp_path / "c")
     quiet, large = coll.entry("minilm-l6-bias-st").rel_error, coll.entry("loud").rel_error
     assert quiet < 1.5 * large and large < 1.5 * quiet

@@ -51,7 +51,11 @@ def test_agrees_with_peft_convert_to_lora_on_vblora(tmp_path, minilm_vb, rank):
     model = PeftModel.from_pretrained(skeleton_model(vb), str(minilm_vb), config=config)
     lora_config, state = convert_to_lora(model, rank)
     # PEFT's float rank is Σσ² ≥ t·Σσ²: our fro rule with X = √t.
-    ours = to_lora(minilm_vb, tmp_path / "o", "auto", RankSettings(rule="fro", threshold=math.sqrt(rank))) if isinstance(rank, float) else to_lora(minilm_vb, tmp_path / "o", rank=rank)
+    ours = (
+        to_lora(minilm_vb, tmp_path / "o", "auto", RankSettings(rule="fro", threshold=math.sqrt(rank)))
+        if isinstance(rank, float)
+        else to_lora(minilm_vb, tmp_path / "o", rank=rank)
+    )
     for row in ours.modules:
         a = next(v for k, v in state.items() if f"{row.name}.lora_A" in k)
         assert row.rank == a.shape[0]
@@ -150,7 +154,10 @@ def test_sharded_merge_equals_whole_merge(tmp_path, dtype):
     gen = torch.Generator().manual_seed(1)
     modules = {
         f"encoder.layer.{i}.{leaf}": LoraModule(
-            name=f"encoder.layer.{i}.{leaf}", A=torch.randn(4, 64, generator=gen), B=torch.randn(64 if leaf.endswith(("query", "value")) else 128, 4, generator=gen) * 0.1, scale=2.0
+            name=f"encoder.layer.{i}.{leaf}",
+            A=torch.randn(4, 64, generator=gen),
+            B=torch.randn(64 if leaf.endswith(("query", "value")) else 128, 4, generator=gen) * 0.1,
+            scale=2.0,
         )
         for i in range(4)
         for leaf in ("attention.self.query", "attention.self.value", "intermediate.dense")

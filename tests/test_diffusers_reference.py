@@ -92,7 +92,9 @@ def test_legacy_to_out_processor_adapts_the_first_output_projection(tmp_path):
     """diffusers' attention processors name the output LoRA `to_out_lora`; the layer it adapts is `to_out.0`."""
     down, up = torch.randn(4, 320), torch.randn(320, 4)
     block = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
-    save_file({f"{block}.processor.to_out_lora.down.weight": down, f"{block}.processor.to_out_lora.up.weight": up}, tmp_path / "l.safetensors")
+    save_file(
+        {f"{block}.processor.to_out_lora.down.weight": down, f"{block}.processor.to_out_lora.up.weight": up}, tmp_path / "l.safetensors"
+    )
     ours = load_adapter(tmp_path / "l.safetensors")
     assert list(ours.modules) == [f"{block}.to_out.0"]
     torch.testing.assert_close(ours.modules[f"{block}.to_out.0"].delta_weight(), up @ down)

@@ -14,7 +14,10 @@ def factors(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Modules of three shapes (two share one), different ranks' worth of spectrum, like a real adapter."""
     gen = torch.Generator().manual_seed(seed)
     shapes = {"q": (64, 128), "k": (64, 128), "up": (192, 64), "down": (64, 192)}
-    return {n: (torch.randn(o, 4, generator=gen), torch.randn(4, i, generator=gen) * torch.tensor([1.0, 0.5, 0.2, 0.1])[:, None]) for n, (o, i) in shapes.items()}
+    return {
+        n: (torch.randn(o, 4, generator=gen), torch.randn(4, i, generator=gen) * torch.tensor([1.0, 0.5, 0.2, 0.1])[:, None])
+        for n, (o, i) in shapes.items()
+    }
 
 
 def dense_error(prob: F.Problem, table: torch.Tensor) -> torch.Tensor:

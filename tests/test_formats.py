@@ -131,13 +131,19 @@ def test_kohya_conv_lora_is_reported_as_conv(tmp_path):
     save_file(tensors, tmp_path / "conv.safetensors")
     m = load_adapter(tmp_path / "conv.safetensors").modules["lora_unet_conv_in"]
     assert m.kind == CONV and m.delta_weight().shape == (16, 8, 3, 3)
-    expected = 0.5 * torch.einsum("or,rikl->oikl", tensors["lora_unet_conv_in.lora_up.weight"][..., 0, 0], tensors["lora_unet_conv_in.lora_down.weight"])
+    expected = 0.5 * torch.einsum(
+        "or,rikl->oikl", tensors["lora_unet_conv_in.lora_up.weight"][..., 0, 0], tensors["lora_unet_conv_in.lora_down.weight"]
+    )
     torch.testing.assert_close(m.delta_weight(), expected)
 
 
 def test_kohya_unknown_keys_are_listed(tmp_path):
     save_file(
-        {"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2), "lora_unet_x.hada_w1_a": torch.zeros(2)},
+        {
+            "lora_unet_x.lora_down.weight": torch.zeros(2, 4),
+            "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
+            "lora_unet_x.hada_w1_a": torch.zeros(2),
+        },
         tmp_path / "mixed.safetensors",
     )
     with pytest.raises(FormatError, match=r"unknown kohya key\(s\): lora_unet_x.hada_w1_a"):

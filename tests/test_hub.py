@@ -15,13 +15,12 @@ import sys
 import pytest
 import torch
 import yaml
-
 from safetensors import safe_open
 
 from vbcompress import inspect_adapter, load_adapter, to_lora
-from vbcompress.metrics import delta_errors
 from vbcompress.errors import HubError
 from vbcompress.hub import HubRef, parse_ref, select_files
+from vbcompress.metrics import delta_errors
 
 from .conftest import ADAPTERS, MINILM_ADAPTER, MINILM_BASE, outputs_with_delta
 from .hubserver import FakeHub, Repo
@@ -55,9 +54,13 @@ def cli(hub, tmp_path):
     def run(*args, cwd=tmp_path, **extra_env):
         hub.requests.clear()
         return subprocess.run(
-            [sys.executable, "-m", "vbcompress.cli", *map(str, args)], cwd=cwd, env={**env, **extra_env},
-            capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            [sys.executable, "-m", "vbcompress.cli", *map(str, args)],
+            cwd=cwd,
+            env={**env, **extra_env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     return run
 
@@ -135,7 +138,9 @@ def test_hub_ids_work_wherever_a_path_does(cli, tmp_path):
 
     data = tmp_path / "sentences.txt"
     data.write_text("A cat sat on the mat.\nThe stock market fell sharply today.\n")
-    evaluated = cli("eval", "alice/minilm-lora", tmp_path / "dense", "--base", "sentence-transformers/all-MiniLM-L6-v2", "--data", data, "--json")
+    evaluated = cli(
+        "eval", "alice/minilm-lora", tmp_path / "dense", "--base", "sentence-transformers/all-MiniLM-L6-v2", "--data", data, "--json"
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     function = json.loads(evaluated.stdout)["function"]
     assert 0 < function["effect_retention"] < 1
@@ -177,7 +182,10 @@ def test_offline_mode_reads_a_cache_filled_file_by_file_as_peft_does(cli, hub, t
     fetch = "import sys; from huggingface_hub import hf_hub_download as get; [get(sys.argv[1], f) for f in sys.argv[2:]]"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
-    for repo, files in (("alice/minilm-lora", ["adapter_config.json", "adapter_model.safetensors"]), ("alice/gated-lora", ["adapter_config.json"])):
+    for repo, files in (
+        ("alice/minilm-lora", ["adapter_config.json", "adapter_model.safetensors"]),
+        ("alice/gated-lora", ["adapter_config.json"]),
+    ):
         subprocess.run([sys.executable, "-c", fetch, repo, *files], env={**env, "HF_TOKEN": TOKEN}, check=True, capture_output=True)
     offline = cli("inspect", "alice/minilm-lora", "--json", HF_HUB_OFFLINE="1")
     assert offline.returncode == 0, offline.stderr
@@ -251,15 +259,22 @@ def test_parse_ref(text, ref):
 
 def test_file_selection_mirrors_local_folders():
     ref = HubRef("a/b")
-    assert select_files(ref, ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "x.bin", "README.md"], "adapter") == (
-        ["adapter_config.json", "adapter_model.safetensors", "README.md"], "")  # fmt: skip
+    assert select_files(
+        ref, ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "x.bin", "README.md"], "adapter"
+    ) == (["adapter_config.json", "adapter_model.safetensors", "README.md"], "")
     assert select_files(ref, ["pytorch_lora_weights.safetensors", "other.safetensors"], "adapter") == (
-        ["pytorch_lora_weights.safetensors"], "pytorch_lora_weights.safetensors")  # fmt: skip
+        ["pytorch_lora_weights.safetensors"],
+        "pytorch_lora_weights.safetensors",
+    )
     assert select_files(HubRef("a/b", "v2/lora.safetensors"), ["v1/lora.safetensors", "v2/lora.safetensors"], "adapter") == (
-        ["v2/lora.safetensors"], "v2/lora.safetensors")  # fmt: skip
+        ["v2/lora.safetensors"],
+        "v2/lora.safetensors",
+    )
     with pytest.raises(HubError, match="2 .safetensors files; name one as a/b/FILE"):
         select_files(ref, ["one.safetensors", "two.safetensors"], "adapter")
-    files, _ = select_files(ref, ["config.json", "model.safetensors", "vocab.txt", "onnx/model.onnx", "1_Pooling/config.json", "pytorch_model.bin"], "base")
+    files, _ = select_files(
+        ref, ["config.json", "model.safetensors", "vocab.txt", "onnx/model.onnx", "1_Pooling/config.json", "pytorch_model.bin"], "base"
+    )
     assert files == ["config.json", "model.safetensors", "vocab.txt"]
     with pytest.raises(HubError, match="no .safetensors weights"):
         select_files(ref, ["config.json", "pytorch_model.bin"], "base")
@@ -272,8 +287,23 @@ def test_batch_add_with_a_hub_id_a_missing_path_and_a_nan_adapter(cli, tmp_path)
     pack([MINILM_ADAPTER], tmp_path / "coll", FitSettings(num_vectors=32, vector_length=128, iters=2, refine_steps=5))
     listing = tmp_path / "list.txt"
     listing.write_text(f"alice/minilm-lora\n{tmp_path / 'gone'}\n{ADAPTERS / 'gemma-2b-sql-qv-fp16'}\nalice/nobody\n")
-    result = cli("add", tmp_path / "coll", "--from-list", listing, "--name", "from-hub", "--name", "a", "--name", "b", "--name", "c",
-                 "--code-refine-steps", "5", "--json")  # fmt: skip
+    result = cli(
+        "add",
+        tmp_path / "coll",
+        "--from-list",
+        listing,
+        "--name",
+        "from-hub",
+        "--name",
+        "a",
+        "--name",
+        "b",
+        "--name",
+        "c",
+        "--code-refine-steps",
+        "5",
+        "--json",
+    )
     assert result.returncode == 2, result.stderr
     report = json.loads(result.stdout)
     assert [e["name"] for e in report["added"]] == ["from-hub"]

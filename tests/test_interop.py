@@ -56,7 +56,9 @@ def test_resize_to_diffusers_reads_back_through_diffusers_loader(tmp_path):
     from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
 
     to_lora(SD, tmp_path / "d", "auto", to="diffusers")
-    state, alphas, meta = StableDiffusionLoraLoaderMixin.lora_state_dict(str(tmp_path / "d" / "pytorch_lora_weights.safetensors"), return_lora_metadata=True)
+    state, alphas, meta = StableDiffusionLoraLoaderMixin.lora_state_dict(
+        str(tmp_path / "d" / "pytorch_lora_weights.safetensors"), return_lora_metadata=True
+    )
     ranks = {n: m.r for n, m in load_adapter(tmp_path / "d").modules.items()}
     assert len(set(ranks.values())) > 1, "the auto rule should choose different ranks here"
     expected = truncated_delta(load_adapter(SD), ranks)
@@ -81,7 +83,12 @@ def test_mixed_rank_peft_output_gives_the_same_delta_with_or_without_the_pattern
     assert len(layers) == len(report.modules)
     for name, layer in layers.items():
         peft_delta = layer.get_delta_weight("default")  # PEFT, rank_pattern and alpha_pattern honoured
-        plain = config["lora_alpha"] / config["r"] * tensors[f"base_model.model.{name}.lora_B.weight"] @ tensors[f"base_model.model.{name}.lora_A.weight"]
+        plain = (
+            config["lora_alpha"]
+            / config["r"]
+            * tensors[f"base_model.model.{name}.lora_B.weight"]
+            @ tensors[f"base_model.model.{name}.lora_A.weight"]
+        )
         torch.testing.assert_close(peft_delta, plain, rtol=1e-5, atol=1e-7)
 
 
@@ -116,8 +123,11 @@ def test_a_lone_peft_file_with_its_config_in_the_safetensors_header(tmp_path):
     from safetensors.torch import load_file
 
     config = json.loads((MINILM_ADAPTER / "adapter_config.json").read_text())
-    save_file(load_file(MINILM_ADAPTER / "adapter_model.safetensors"), tmp_path / "lone.safetensors",
-              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})  # fmt: skip
+    save_file(
+        load_file(MINILM_ADAPTER / "adapter_model.safetensors"),
+        tmp_path / "lone.safetensors",
+        metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)},
+    )
     got, source = load_adapter(tmp_path / "lone.safetensors"), load_adapter(MINILM_ADAPTER)
     for name, m in source.modules.items():
         torch.testing.assert_close(got.modules[name].delta_weight(), m.delta_weight())

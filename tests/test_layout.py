@@ -68,6 +68,29 @@ def test_readers_bank_and_harness_take_local_paths_only():
             assert "vbcompress.hub" not in targets, f"{name} imports the Hub module"
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for t in graph.get(todo.pop(), ()):
+            if t not in seen:
+                seen.add(t)
+                todo.append(t)
+    return seen
+
+
+def test_reading_a_collection_needs_no_hub_no_base_model_and_no_fit():
+    """Someone who downloads a collection reads it with the store alone."""
+    needs = reachable(imports(), "vbcompress.collection.store")
+    for heavy in ("vbcompress.compress", "vbcompress.card", "vbcompress.hub", "vbcompress.basemodel", "vbcompress.bank.fit"):
+        assert heavy not in needs, f"collection.store reaches {heavy}"
+
+
+def test_no_module_is_much_over_450_lines():
+    for path in PACKAGE.rglob("*.py"):
+        lines = len(path.read_text().splitlines())
+        assert lines <= 480, f"{path.relative_to(PACKAGE.parent)} has {lines} lines: one concern per module"
+
+
 def test_readme_layout_names_every_module():
     readme = (PACKAGE.parent / "README.md").read_text()
     section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]

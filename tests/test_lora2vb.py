@@ -112,7 +112,12 @@ def test_topk_1_and_3_load_in_peft_with_our_delta_weights(tmp_path, topk):
 
 
 def test_more_mixed_vectors_fit_better(tmp_path):
-    errors = [lora2vb(MINILM_ADAPTER, tmp_path / f"k{k}", FitSettings(num_vectors=128, vector_length=64, topk=k, iters=20, refine_steps=100)).total_rel_error for k in (1, 2, 3)]
+    errors = [
+        lora2vb(
+            MINILM_ADAPTER, tmp_path / f"k{k}", FitSettings(num_vectors=128, vector_length=64, topk=k, iters=20, refine_steps=100)
+        ).total_rel_error
+        for k in (1, 2, 3)
+    ]
     assert errors[0] > errors[1] > errors[2]
 
 
@@ -143,7 +148,9 @@ def test_module_with_all_zero_b(tmp_path):
 
 
 def test_indivisible_vector_length_names_the_module(tmp_path):
-    with pytest.raises(ShapeError, match=r"module encoder\.layer\.0\.attention\.self\.query: in dimension 384 is not divisible by vector length 100"):
+    with pytest.raises(
+        ShapeError, match=r"module encoder\.layer\.0\.attention\.self\.query: in dimension 384 is not divisible by vector length 100"
+    ):
         lora2vb(MINILM_ADAPTER, tmp_path / "o", FitSettings(vector_length=100))
     assert not (tmp_path / "o").exists()
 

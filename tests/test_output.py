@@ -39,7 +39,7 @@ def no_fit(monkeypatch):
     def fit(*args, **kwargs):
         raise AssertionError("the fit started before the output was checked")
 
-    monkeypatch.setattr("vbcompress.compress.fit_bank", fit)
+    monkeypatch.setattr("vbcompress.bank.pipeline.fit_bank", fit)
 
 
 def cli(*args, cwd=None):

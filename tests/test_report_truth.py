@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from vbcompress import FitSettings, load_adapter, lora2vb
 from vbcompress.baselines import GROUP, quantize
-from vbcompress.compress import REPORT_FILE
+from vbcompress.files import REPORT_FILE
 
 from .conftest import MINILM_ADAPTER
 

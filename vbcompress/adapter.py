@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .codec.layout import VectorBank, vb_stored_bytes
 from .errors import ShapeError
 
 LINEAR, EMBEDDING, CONV = "linear", "embedding", "conv"
@@ -83,49 +84,6 @@ class LoraModule:
 
 
 @dataclass
-class VBCode:
-    """Top-k code of one VB-LoRA module: indices into the bank and mixture weights (rows sum to 1).
-
-    ``indices_A, weights_A: [r, in/L, k]``; ``indices_B, weights_B: [out/L, r, k]``.
-    """
-
-    indices_A: torch.Tensor
-    weights_A: torch.Tensor
-    indices_B: torch.Tensor
-    weights_B: torch.Tensor
-
-
-@dataclass
-class VectorBank:
-    """One bank ``[N, L]`` shared by every module, with each module's top-k code."""
-
-    bank: torch.Tensor
-    topk: int
-    codes: dict[str, VBCode] = field(default_factory=dict)
-
-    @property
-    def num_vectors(self) -> int:
-        return self.bank.shape[0]
-
-    @property
-    def vector_length(self) -> int:
-        return self.bank.shape[1]
-
-    def decode(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A [r, in], B [out, r])`` of one module, as PEFT computes them."""
-        code = self.codes[name]
-        bank = self.bank.float()
-        a = mix(bank, code.indices_A, code.weights_A)  # [r, in/L, L]
-        b = mix(bank, code.indices_B, code.weights_B)  # [out/L, r, L]
-        return a.reshape(a.shape[0], -1), b.transpose(1, 2).reshape(-1, b.shape[1])
-
-
-def mix(bank: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Sub-vectors ``Σ_k weights[..., k] · bank[indices[..., k]]``: ``[..., k]`` codes → ``[..., L]``."""
-    return torch.einsum("...k,...kl->...l", weights.float(), bank[indices.long()])
-
-
-@dataclass
 class Adapter:
     """An adapter of any supported format, as modules plus what is needed to write it back."""
 
@@ -177,21 +135,3 @@ class Adapter:
 
     def carried_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.carried.values())
-
-
-def index_dtype(num_vectors: int) -> torch.dtype:
-    """The index dtype PEFT uses for a bank of ``num_vectors`` vectors."""
-    if num_vectors < 2**8:
-        return torch.uint8
-    if num_vectors < 2**15:
-        return torch.int16
-    if num_vectors < 2**31:
-        return torch.int32
-    return torch.int64
-
-
-def vb_stored_bytes(vb: VectorBank) -> int:
-    """Bytes of bank + indices + float32 top-k weights (k-1 stored per sub-vector), as the compact layout writes."""
-    idx_size = torch.empty(0, dtype=index_dtype(vb.num_vectors)).element_size()
-    subvectors = sum(c.indices_A[..., 0].numel() + c.indices_B[..., 0].numel() for c in vb.codes.values())
-    return vb.bank.numel() * vb.bank.element_size() + subvectors * (vb.topk * idx_size + (vb.topk - 1) * 4)

@@ -266,7 +266,9 @@ def real_positions(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return h[mask.bool()]
 
 
-def effect_distance(base: Base, student: torch.Tensor, teacher: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def effect_distance(
+    base: Base, student: torch.Tensor, teacher: torch.Tensor, plain: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoders: (squared distance student↔teacher, squared size of the adapter's effect), over real tokens
     of last hidden states. (Causal LMs: see :mod:`vbcompress.bank.calibrate`'s KL targets.)"""
     m = mask[..., None].to(student.dtype)
@@ -325,9 +327,11 @@ def lm_retention(base: Base, texts: list[str], ref: dict, cand: dict, max_length
                 predicted += int(ok.sum())
             tokens += len(target)
     return Retention(
-        effect_retention=None, mean_cosine=None, samples=len(texts),
+        effect_retention=None,
+        mean_cosine=None,
+        samples=len(texts),
         kl_retention=1 - kl_cand / kl_base if kl_base > 0 else None,
         top1_agreement=agree / tokens if tokens else None,
         perplexity={k: math.exp(v / predicted) for k, v in nll.items()} if predicted else None,
         tokens=int(tokens),
-    )  # fmt: skip
+    )

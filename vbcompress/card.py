@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
-from dataclasses import asdict
-
-from .metrics import fmt_bytes
 from .results import CompressReport
+from .units import fmt_bytes
 from .version import __version__
 
 # Only these are valid `base_model` values on the Hub; a local path would be rejected (and would leak it).
@@ -56,7 +55,10 @@ def model_card(
     name = source.get("ref") or Path(report.source).name
     rows = [
         ("Size", f"{fmt_bytes(b.vb)}: {b.ratio:.1%} of the source LoRA at fp16 ({fmt_bytes(b.source_fp16)})"),
-        ("Vector bank", f"{fit.num_vectors} vectors × {fit.vector_length} ({report.output.bank_dtype}), top-{fit.topk} mixtures, rank {fit.rank}"),
+        (
+            "Vector bank",
+            f"{fit.num_vectors} vectors × {fit.vector_length} ({report.output.bank_dtype}), top-{fit.topk} mixtures, rank {fit.rank}",
+        ),
         ("ΔW error", f"{fmt_error(report.total_rel_error)} (relative Frobenius error of the weight updates, all modules)"),
         ("SVD truncation, same size", f"rank {svd.rank}: ΔW error {svd.rel_error:.4f}"),
     ]
@@ -64,7 +66,12 @@ def model_card(
     if cal and cal.retention_after and cal.retention_before:
         before, after = cal.retention_before.headline, cal.retention_after.headline
         what = "KL retention (next-token distributions)" if cal.retention_after.kl_retention is not None else "Effect retention"
-        rows.append((what, f"{fmt_error(before, '.3f')} (weight fit) → {fmt_error(after, '.3f')} (calibrated), on {cal.heldout_samples} held-out inputs ({cal.data})"))
+        rows.append(
+            (
+                what,
+                f"{fmt_error(before, '.3f')} (weight fit) → {fmt_error(after, '.3f')} (calibrated), on {cal.heldout_samples} held-out inputs ({cal.data})",
+            )
+        )
     if b.carried:
         rows.append(("Carried", f"{fmt_bytes(b.carried)} of non-LoRA tensors (heads), as they were"))
     verdict = (

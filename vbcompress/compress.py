@@ -7,104 +7,32 @@ write the output atomically, and measure the written files.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .adapter import LINEAR, Adapter, VectorBank
+from .adapter import Adapter
 from .bank.calibrate import CalibrationReport, calibrate
-from .bank.fit import FitResult, deterministic, fit_bank
-from .basemodel import Base, read_texts
+from .bank.fit import FitResult
+from .bank.pipeline import calibration_texts, fit_settings_for, run_fit
 from .baselines import truncation
+from .basemodel import Base
 from .card import model_card, source_metadata
-from .errors import SettingError, ShapeError, VBCompressError
-from .files import write_json
-from .output import OutputTarget, claim_output
+from .codec.layout import VectorBank, canonical_code
+from .errors import SettingError
+from .files import REPORT_FILE, write_json
 from .formats import load_adapter, write_vblora
-from .formats.vblora import canonical_code
 from .hub import HubSource, create_repo, push, resolve
-from .metrics import delta_errors
-from .results import ByteCounts, CompressReport, FitStages, ModuleFit
-from .settings import CalibrationSettings, FitSettings, OutputSettings, resolve_device
-
-VECTOR_LENGTHS = (256, 128, 64, 32, 16)
-REPORT_FILE = "vbcompress.json"
-Progress = Callable[[str, int, int, float], None]
-
-
-def auto_vector_length(adapter: Adapter) -> int:
-    """The largest of 256, 128, 64, 32, 16 that divides every module's in and out dimension."""
-    for length in VECTOR_LENGTHS:
-        if all(m.in_features % length == 0 and m.out_features % length == 0 for m in adapter.modules.values()):
-            return length
-    dims = sorted({d for m in adapter.modules.values() for d in (m.in_features, m.out_features)})
-    raise ShapeError(adapter.source, f"no vector length in {VECTOR_LENGTHS} divides every layer dimension {dims}")
-
-
-def check_compressible(adapter: Adapter, length: int) -> None:
-    """Refuse what PEFT's VB-LoRA cannot express, naming the module."""
-    for m in adapter.modules.values():
-        if m.kind != LINEAR:
-            raise ShapeError(adapter.source, f"module {m.name}: VB-LoRA supports linear layers only, this one is {m.kind}")
-        for what, dim in (("in", m.in_features), ("out", m.out_features)):
-            if dim % length:
-                raise ShapeError(adapter.source, f"module {m.name}: {what} dimension {dim} is not divisible by vector length {length}")
-    if adapter.config.get("use_dora") or any("lora_magnitude_vector" in k for k in adapter.carried):
-        raise VBCompressError(adapter.source, "DoRA adapters cannot be written as VB-LoRA (no magnitude vector there)")
-    if any(k.endswith("lora_B.bias") for k in adapter.carried):
-        raise VBCompressError(adapter.source, "LoRA biases (lora_bias=true) cannot be written as VB-LoRA")
-    adapter.fan_in_fan_out()
-
-
-def fit_settings_for(sources: list[Adapter], fit: FitSettings) -> FitSettings:
-    """``fit`` with vector length, rank and device resolved against the sources, after checking that
-    every source can be written with them."""
-    fit.check()
-    length = fit.vector_length or auto_vector_length(sources[0] if len(sources) == 1 else merged_view(sources))
-    max_rank = max(max(s.ranks) for s in sources)
-    for source in sources:
-        check_compressible(source, length)
-    if fit.rank is not None and fit.rank > max_rank:
-        raise SettingError("rank", f"{{setting}} {fit.rank} must be between 1 and the adapter's rank {max_rank}", where=sources[0].source)
-    if fit.topk > 1 and fit.num_vectors < 2:
-        raise SettingError("topk", f"{{setting}} {fit.topk} needs at least 2 vectors")
-    return replace(fit, vector_length=length, rank=fit.rank or max_rank, device=resolve_device(fit.device))
-
-
-def merged_view(sources: list[Adapter]) -> Adapter:
-    """All sources' modules in one adapter (names prefixed by position), for checks that span them."""
-    return Adapter(modules={f"{i}/{n}": m for i, s in enumerate(sources) for n, m in s.modules.items()}, source=sources[0].source)
-
-
-def run_fit(factors: dict, fit: FitSettings, progress: Progress | None, **options) -> FitResult:
-    """:func:`~vbcompress.bank.fit.fit_bank`, deterministic on every device."""
-    # CUDA's index_add/scatter kernels accumulate with atomics: only deterministic mode makes runs repeatable.
-    with deterministic() if fit.device == "cuda" else contextlib.nullcontext():
-        return fit_bank(factors, fit, progress, **options)
+from .metrics import measure
+from .output import OutputTarget, claim_output
+from .results import ByteCounts, CompressReport, FitStages
+from .settings import CalibrationSettings, FitSettings, OutputSettings, Progress
 
 
 def fit_stages(fit: FitResult) -> FitStages:
     first = fit.history[0][1]
     return FitStages(seed=first, alternate=min((e for s, e in fit.history if s == "alternate"), default=first), refine=fit.rel_error)
-
-
-def calibration_texts(
-    model: Base, texts_file: str | Path | None, settings: CalibrationSettings, seed: int, teacher: dict[str, torch.Tensor] | None = None
-) -> tuple[list[str], str]:
-    """The calibration inputs and a label for the report: the file's lines (checked against the model's
-    context), or data-free inputs (for causal LMs sampled from the base with ``teacher`` ΔW applied)."""
-    if texts_file is not None:
-        texts = read_texts(texts_file)
-        model.check_length(texts, texts_file, settings.max_length)
-        return texts, "file"
-    model.check_length([], model.base, settings.max_length)
-    texts = model.data_free_texts(settings.samples, torch.Generator().manual_seed(seed), settings.max_length // 2, teacher if model.causal else None)
-    if not model.causal:
-        return texts, "data-free: random vocabulary"
-    return texts, "data-free: samples of the base with the adapter" if teacher else "data-free: samples of the base model"
 
 
 def lora2vb(
@@ -164,9 +92,18 @@ def _lora2vb(src, got, target: OutputTarget, fit, output, base_path, base, calib
         codes={name: canonical_code(code) for name, code in fitted.codes.items()},
     )
     return write_compressed(
-        source, vb, target, fit=fit, output=output, stages=fit_stages(result), src=src, source_path=got.path,
-        hub_source=got.hub, calibration=calib_report, repo_id=repo_id,
-    )  # fmt: skip
+        source,
+        vb,
+        target,
+        fit=fit,
+        output=output,
+        stages=fit_stages(result),
+        src=src,
+        source_path=got.path,
+        hub_source=got.hub,
+        calibration=calib_report,
+        repo_id=repo_id,
+    )
 
 
 def vb_adapter(source: Adapter, vb: VectorBank, where: str | Path) -> Adapter:
@@ -183,13 +120,6 @@ def vb_adapter(source: Adapter, vb: VectorBank, where: str | Path) -> Adapter:
         source=str(where),
         vector_bank=vb,
     )
-
-
-def measure(source: Adapter, written: Adapter) -> tuple[float | None, dict[str, ModuleFit], list[str]]:
-    """(total ΔW error, per-module errors, all-zero modules) of the written adapter against the source."""
-    errors = delta_errors(source, written)
-    modules = {e.name: ModuleFit(rel_error=e.rel_error, abs_error=e.abs_error, ref_norm=e.ref_norm) for e in errors.modules}
-    return errors.total_rel_error, modules, [e.name for e in errors.modules if e.ref_norm == 0]
 
 
 def write_compressed(
@@ -222,22 +152,35 @@ def write_compressed(
             modules=modules,
             zero_modules=zero,
             bytes=ByteCounts(
-                source_stored=source.stored_bytes(), source_fp16=source.fp16_bytes(), vb=vb_bytes, bank=bank_bytes,
-                codes=vb_bytes - bank_bytes, carried=source.carried_bytes(),
-            ),  # fmt: skip
+                source_stored=source.stored_bytes(),
+                source_fp16=source.fp16_bytes(),
+                vb=vb_bytes,
+                bank=bank_bytes,
+                codes=vb_bytes - bank_bytes,
+                carried=source.carried_bytes(),
+            ),
             svd_baseline=truncation(source.modules.values(), vb_bytes),
             fit_stages=stages,
             hub_source=hub_source,
             calibration=calibration,
         )
         write_json(tmp / REPORT_FILE, report.to_json())
-        card = model_card(report, base_model=source.base_model, task_type=source.task_type, source_meta=source_metadata(source_path), repo_id=repo_id)
+        card = model_card(
+            report, base_model=source.base_model, task_type=source.task_type, source_meta=source_metadata(source_path), repo_id=repo_id
+        )
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return report
 
 
 def compress_from_hub(
-    ref: str, out: str | Path, fit: FitSettings | None = None, *, push_to: str | None = None, private: bool = False, token: str | None = None, **options
+    ref: str,
+    out: str | Path,
+    fit: FitSettings | None = None,
+    *,
+    push_to: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    **options,
 ) -> CompressReport:
     """``vbcompress hub``: download the LoRA at ``ref``, run :func:`lora2vb` on it with ``options`` (writing
     the model card), and with ``push_to`` upload the result; ``report.pushed`` then says where."""

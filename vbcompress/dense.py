@@ -18,10 +18,10 @@ import torch
 from .adapter import Adapter
 from .errors import SettingError
 from .files import CAST_DTYPES, write_json
-from .output import claim_output
 from .formats import check_dense_format, family_of, load_adapter, write_dense
 from .hub import resolve
 from .linalg import low_rank_svd
+from .output import claim_output
 from .rank import choose_rank, retained
 from .settings import RankSettings
 
@@ -89,9 +89,20 @@ def truncate(adapter: Adapter, rank: int | str | None = None, settings: RankSett
         root = s[:keep].sqrt()
         dtype = m.A.dtype if m.A.is_floating_point() and adapter.vector_bank is None else torch.float32
         modules[name] = replace(m, A=(root[:, None] * vh[:keep]).to(dtype), B=(u[:, :keep] * root).to(dtype), scale=1.0, alpha=None)
-        rows.append(RankRow(name=name, source_rank=m.r, rank=k, retained_fro=fro, retained_sigma=nuc,
-                            energy=float(s.square().sum()), kept_energy=float(s[:k].square().sum())))  # fmt: skip
-    out = replace(adapter, modules=modules, vector_bank=None, source_format="peft" if adapter.source_format == "vblora" else adapter.source_format)
+        rows.append(
+            RankRow(
+                name=name,
+                source_rank=m.r,
+                rank=k,
+                retained_fro=fro,
+                retained_sigma=nuc,
+                energy=float(s.square().sum()),
+                kept_energy=float(s[:k].square().sum()),
+            )
+        )
+    out = replace(
+        adapter, modules=modules, vector_bank=None, source_format="peft" if adapter.source_format == "vblora" else adapter.source_format
+    )
     return out, rows
 
 

@@ -19,10 +19,21 @@ class VBCompressError(Exception):
         self.setting = setting
         super().__init__(self.render())
 
+    def __reduce__(self):
+        # Rebuilt from its parts (the default would call __init__ with the rendered message): an error raised
+        # in a worker process or a Ray task arrives in the driver as the same error.
+        return _rebuild, (type(self), self.where, self.problem, self.setting)
+
     def render(self, name_of=lambda setting: setting) -> str:
         """The one-line message, with ``{setting}`` written as ``name_of(setting)``."""
         problem = self.problem.replace("{setting}", name_of(self.setting)) if self.setting else self.problem
         return f"{self.where}: {problem}" if self.where else problem
+
+
+def _rebuild(kind: type, where: str | None, problem: str, setting: str | None) -> VBCompressError:
+    error = kind.__new__(kind)
+    VBCompressError.__init__(error, where, problem, setting)
+    return error
 
 
 class FormatError(VBCompressError):

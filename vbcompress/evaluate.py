@@ -30,7 +30,13 @@ class EvalReport:
 
 
 def evaluate(
-    ref: str | Path, cand: str | Path, base: str | Path | None = None, data: str | Path | None = None, max_length: int = 128, *, token: str | None = None
+    ref: str | Path,
+    cand: str | Path,
+    base: str | Path | None = None,
+    data: str | Path | None = None,
+    max_length: int = 128,
+    *,
+    token: str | None = None,
 ) -> EvalReport:
     """ΔW errors (per module and total) and sizes of ``cand`` against ``ref``; both any readable format,
     local or Hub ids.

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from .errors import FormatError
 
-
+REPORT_FILE = "vbcompress.json"  # what every adapter output holds: the report, and our mark for --overwrite
+MANIFEST_FILE = "collection.json"  # a collection's manifest, and its mark
 MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
 
@@ -57,8 +58,12 @@ def check_safetensors(path: Path) -> dict:
             raise FormatError(path, bad + f"has an unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise FormatError(path, bad + f"has an invalid shape {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):  # fmt: skip
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
             raise FormatError(path, bad + f"has invalid data_offsets {offsets!r}")
         need = math.prod(shape) * ELEMENT_SIZE[dtype]
         if offsets[1] - offsets[0] != need:
@@ -197,9 +202,17 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 
 SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}  # fmt: skip
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 DTYPE_OF = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 ELEMENT_SIZE = {name: torch.empty(0, dtype=dtype).element_size() for name, dtype in DTYPE_OF.items()}
 CAST_DTYPES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

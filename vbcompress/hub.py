@@ -97,7 +97,9 @@ def download(ref: HubRef | str, kind: str = "adapter", token: str | None = None)
         except HubError as e:
             if not partial:
                 raise
-            raise HubError(ref, f"the local cache holds only {listed(listing)}, not a whole {kind} ({e.problem}); download it once online") from None
+            raise HubError(
+                ref, f"the local cache holds only {listed(listing)}, not a whole {kind} ({e.problem}); download it once online"
+            ) from None
         folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=files, token=token))
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
@@ -127,7 +129,9 @@ def list_files(ref: HubRef, token: str | None) -> tuple[list[str], bool]:
             return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()), True
         if isinstance(offline, OfflineModeIsEnabled):
             raise HubError(ref, "not in the local cache and HF_HUB_OFFLINE is set (download it once online)") from None
-        raise HubError(ref, f"no such file or directory here; cannot reach the Hub ({offline.__class__.__name__}) and it is not in the local cache") from None
+        raise HubError(
+            ref, f"no such file or directory here; cannot reach the Hub ({offline.__class__.__name__}) and it is not in the local cache"
+        ) from None
 
 
 def cached_snapshot(ref: HubRef) -> Path | None:
@@ -148,7 +152,7 @@ def select_files(ref: HubRef, files: list[str], kind: str) -> tuple[list[str], s
     prefix = ref.path + "/" if ref.path else ""
     if ref.path and ref.path in files:  # a single file named in the id
         return [ref.path], ref.path
-    here = sorted(f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):])
+    here = sorted(f[len(prefix) :] for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :])
     if not here:
         raise HubError(ref, f"no folder {ref.path!r} in the repository" if ref.path else "the repository is empty")
     card = [CARD] if CARD in here else []
@@ -249,5 +253,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, token: str 
 
     url = url or create_repo(repo_id, private=private, token=token)
     with hub_errors(repo_id, action="write"):
-        commit = HfApi(token=token).upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload VB-LoRA adapter made with vbcompress")
+        commit = HfApi(token=token).upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message="Upload VB-LoRA adapter made with vbcompress"
+        )
     return Pushed(repo=repo_id, url=url, commit_url=commit.commit_url, commit=commit.oid)

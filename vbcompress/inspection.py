@@ -80,7 +80,9 @@ class InspectReport:
         return out
 
 
-def inspect_adapter(path: str | Path, threshold: float = RankSettings.threshold, format: str | None = None, *, token: str | None = None) -> InspectReport:
+def inspect_adapter(
+    path: str | Path, threshold: float = RankSettings.threshold, format: str | None = None, *, token: str | None = None
+) -> InspectReport:
     """A summary of the adapter at ``path`` (a local path or Hub id).
 
     Per module: shape, rank, scale, ‖ΔW‖_F, largest σ, effective rank by the SARA rule at ``threshold``,
@@ -93,8 +95,17 @@ def inspect_adapter(path: str | Path, threshold: float = RankSettings.threshold,
     modules = []
     for name, m in adapter.modules.items():
         finite = bool(torch.isfinite(m.A).all() and torch.isfinite(m.B).all())
-        row = ModuleInfo(name=name, kind=m.kind, out=m.out_features, inp=m.in_features, r=m.r, scale=m.scale,
-                         fan_in_fan_out=m.fan_in_fan_out, params=m.num_params, nonfinite=not finite)  # fmt: skip
+        row = ModuleInfo(
+            name=name,
+            kind=m.kind,
+            out=m.out_features,
+            inp=m.in_features,
+            r=m.r,
+            scale=m.scale,
+            fan_in_fan_out=m.fan_in_fan_out,
+            params=m.num_params,
+            nonfinite=not finite,
+        )
         if finite:
             b, a = m.folded()
             s = singular_values(b, a)

@@ -39,11 +39,7 @@ def balanced(B: torch.Tensor, A: torch.Tensor, rank: int | None = None) -> tuple
 
 def gram_sq_error(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
     """``‖B1 A1 − B2 A2‖²_F`` from r×r Gram matrices; differentiable, no dense product."""
-    return (
-        ((B1.T @ B1) * (A1 @ A1.T)).sum()
-        - 2 * ((B1.T @ B2) * (A1 @ A2.T)).sum()
-        + ((B2.T @ B2) * (A2 @ A2.T)).sum()
-    )
+    return ((B1.T @ B1) * (A1 @ A1.T)).sum() - 2 * ((B1.T @ B2) * (A1 @ A2.T)).sum() + ((B2.T @ B2) * (A2 @ A2.T)).sum()
 
 
 def gram_sq_norm(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:

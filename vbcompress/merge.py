@@ -17,17 +17,16 @@ import torch
 
 from .adapter import Adapter
 from .errors import FormatError, ShapeError, VBCompressError, listed
-from .files import CAST_DTYPES, DTYPE_OF, check_safetensors, iter_safetensors, read_json, stream_safetensors, write_json
+from .files import CAST_DTYPES, DTYPE_OF, REPORT_FILE, check_safetensors, iter_safetensors, read_json, stream_safetensors, write_json
 from .formats import load_adapter
 from .hub import resolve
 from .output import claim_output
 from .settings import MergeSettings, resolve_device
 
 INDEX = "model.safetensors.index.json"
-REPORT_FILE = "vbcompress.json"
 SINGLE = "model.safetensors"
 # Other serialisations of the same weights would be stale next to merged shards.
-STALE = ("pytorch_model*.bin", "*.h5", "*.msgpack", "*.onnx", "*.ckpt", "vbcompress.json")
+STALE = ("pytorch_model*.bin", "*.h5", "*.msgpack", "*.onnx", "*.ckpt", REPORT_FILE)
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")
 
 
@@ -90,8 +89,11 @@ def resolve_targets(adapter: Adapter, info: dict[str, tuple[list[int], str]], ba
             if key is None:
                 problems.append(f"{name} (no weight)" if not hits else f"{name} (ambiguous: {', '.join(hits[:3])})")
                 continue
-        expected = list(m.delta_weight(torch.float32).shape) if m.kind == "conv" else (
-            [m.in_features, m.out_features] if m.transposed else [m.out_features, m.in_features])  # fmt: skip
+        expected = (
+            list(m.delta_weight(torch.float32).shape)
+            if m.kind == "conv"
+            else ([m.in_features, m.out_features] if m.transposed else [m.out_features, m.in_features])
+        )
         if info[key][0] != expected:
             problems.append(f"{name} (ΔW {expected} vs {key} {info[key][0]})")
             continue
@@ -127,7 +129,13 @@ class MergeReport:
 
 
 def merge(
-    base: str | Path, adapter_src: str | Path, out: str | Path, settings: MergeSettings | None = None, *, overwrite: bool = False, token: str | None = None
+    base: str | Path,
+    adapter_src: str | Path,
+    out: str | Path,
+    settings: MergeSettings | None = None,
+    *,
+    overwrite: bool = False,
+    token: str | None = None,
 ) -> MergeReport:
     """Write ``base`` with the adapter at ``adapter_src`` folded in to ``out``.
 
@@ -187,8 +195,15 @@ def _merge(base, adapter_src, out, base_dir: Path, adapter_dir: Path, target, se
             config = json.loads((tmp / "config.json").read_text())
             config["torch_dtype"] = settings.dtype
             write_json(tmp / "config.json", config)
-        report = MergeReport(base=str(base), adapter=str(adapter_src), out=str(out), shards=len(layout.shards),
-                             merged_modules=len(targets), replaced_tensors=len(replaced), copied_files=copied)  # fmt: skip
+        report = MergeReport(
+            base=str(base),
+            adapter=str(adapter_src),
+            out=str(out),
+            shards=len(layout.shards),
+            merged_modules=len(targets),
+            replaced_tensors=len(replaced),
+            copied_files=copied,
+        )
         write_json(tmp / REPORT_FILE, report.to_json())  # also marks the folder as ours, for --overwrite
     return report
 

@@ -11,6 +11,15 @@ from .linalg import delta_sq_error, gram_sq_norm
 
 
 @dataclass
+class ModuleFit:
+    """ΔW error of one module against the source: ``‖ΔW' − ΔW‖_F`` absolute and relative to ``‖ΔW‖_F``."""
+
+    rel_error: float | None
+    abs_error: float
+    ref_norm: float
+
+
+@dataclass
 class ModuleError:
     name: str
     ref_norm: float
@@ -51,9 +60,7 @@ def delta_errors(ref: Adapter, cand: Adapter) -> DeltaReport:
             e_sq = norm_sq if r else float(gram_sq_norm(cb.double(), ca.double()))
         err_sq += e_sq
         ref_sq += norm_sq
-        rows.append(
-            ModuleError(name, math.sqrt(norm_sq), math.sqrt(e_sq), math.sqrt(e_sq / norm_sq) if norm_sq > 0 else None)
-        )
+        rows.append(ModuleError(name, math.sqrt(norm_sq), math.sqrt(e_sq), math.sqrt(e_sq / norm_sq) if norm_sq > 0 else None))
     return DeltaReport(
         total_rel_error=math.sqrt(err_sq / ref_sq) if ref_sq > 0 else None,
         modules=rows,
@@ -87,12 +94,8 @@ def size_report(ref: Adapter, cand: Adapter) -> SizeReport:
     )
 
 
-def fmt_bytes(n: int | None) -> str:
-    """Bytes for people: ``512 B``, ``19.84 KB``, ``1.62 MB`` (decimal units, as the reports use)."""
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
+def measure(source: Adapter, written: Adapter) -> tuple[float | None, dict[str, ModuleFit], list[str]]:
+    """(total ΔW error, per-module errors, all-zero modules) of the written adapter against the source."""
+    errors = delta_errors(source, written)
+    modules = {e.name: ModuleFit(rel_error=e.rel_error, abs_error=e.abs_error, ref_norm=e.ref_norm) for e in errors.modules}
+    return errors.total_rel_error, modules, [e.name for e in errors.modules if e.ref_norm == 0]

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import OutputError
+from .files import MANIFEST_FILE, REPORT_FILE
 
-MARKERS = ("vbcompress.json", "collection.json")
+MARKERS = (REPORT_FILE, MANIFEST_FILE)
 
 
 def exclusive_lock(path: Path) -> int | None:
@@ -65,8 +66,12 @@ class OutputTarget:
                 continue
             src = Path(os.path.realpath(src))
             if _inside(src, resolved):
-                raise OutputError(self.out, "output would overwrite an input (the input is at or inside it)" if src != resolved
-                                  else "output would overwrite the input")  # fmt: skip
+                raise OutputError(
+                    self.out,
+                    "output would overwrite an input (the input is at or inside it)"
+                    if src != resolved
+                    else "output would overwrite the input",
+                )
             if _inside(resolved, src):
                 raise OutputError(self.out, f"output would be written inside the input {src} (inputs are never modified)")
         parent = out.parent
@@ -80,8 +85,11 @@ class OutputTarget:
                 if not overwrite:
                     raise OutputError(self.out, "output exists and is not empty (use {setting} to replace it)", setting="overwrite")
                 if not any((out / m).is_file() for m in MARKERS):
-                    raise OutputError(self.out, "output exists and is not a vbcompress output (no vbcompress.json): "
-                                      "replacing it would delete files vbcompress did not write; choose another folder")  # fmt: skip
+                    raise OutputError(
+                        self.out,
+                        f"output exists and is not a vbcompress output (no {REPORT_FILE}): "
+                        "replacing it would delete files vbcompress did not write; choose another folder",
+                    )
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:

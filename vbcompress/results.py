@@ -10,17 +10,9 @@ from dataclasses import asdict, dataclass, field
 from .bank.calibrate import CalibrationReport
 from .baselines import Baseline
 from .hub import HubSource, Pushed
+from .metrics import ModuleFit
 from .settings import FitSettings, OutputSettings
 from .version import __version__
-
-
-@dataclass
-class ModuleFit:
-    """ΔW error of one module against the source: ``‖ΔW' − ΔW‖_F`` absolute and relative to ``‖ΔW‖_F``."""
-
-    rel_error: float | None
-    abs_error: float
-    ref_norm: float
 
 
 @dataclass
@@ -79,9 +71,16 @@ class CompressReport:
             "hub_source": asdict(self.hub_source) if self.hub_source else None,
             "source_format": self.source_format,
             "settings": {
-                "num_vectors": f.num_vectors, "vector_length": f.vector_length, "topk": f.topk, "rank": f.rank,
-                "device": f.device, "seed": f.seed, "iters": f.iters, "refine_steps": f.refine_steps,
-                "full_logits": self.output.full_logits, "bank_dtype": self.output.bank_dtype,
+                "num_vectors": f.num_vectors,
+                "vector_length": f.vector_length,
+                "topk": f.topk,
+                "rank": f.rank,
+                "device": f.device,
+                "seed": f.seed,
+                "iters": f.iters,
+                "refine_steps": f.refine_steps,
+                "full_logits": self.output.full_logits,
+                "bank_dtype": self.output.bank_dtype,
             },
             "total_rel_error": self.total_rel_error,
             "modules": {name: asdict(m) for name, m in self.modules.items()},
@@ -90,7 +89,7 @@ class CompressReport:
             "svd_baseline": {"rank": self.svd_baseline.rank, "bytes": self.svd_baseline.bytes, "rel_error": self.svd_baseline.rel_error},
             "fit_stages": asdict(self.fit_stages),
             "calibration": asdict(self.calibration) if self.calibration else None,
-        }  # fmt: skip
+        }
         if self.pushed is not None:
             out["pushed"] = asdict(self.pushed)
         return out

@@ -7,6 +7,7 @@ naming the field; the CLI shows it as the matching flag.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from .errors import SettingError
@@ -15,7 +16,12 @@ DEVICES = ("auto", "cpu", "cuda")
 BANK_DTYPES = ("float32", "float16")
 DENSE_DTYPES = ("keep", "float32", "float16", "bfloat16")
 RANK_RULES = ("sara", "fro", "ratio")  # see rank.py
+FORMATS = ("peft", "vblora", "kohya", "diffusers", "mlx")  # formats.REGISTRY, named here for the CLI
+DENSE_FORMATS = ("peft", "kohya", "diffusers")  # the formats with a writer: what a dense LoRA can be written as
 INITS = ("residual", "kmeans++")
+
+# A long step reports (stage, step, steps, current error or loss): the CLI draws it, the library never prints.
+Progress = Callable[[str, int, int, float], None]
 
 
 def setting(default, help: str, *, short: str | None = None, choices: tuple | None = None, cli: bool = True):
@@ -149,7 +155,8 @@ class MergeSettings:
 
     dtype: str = setting("keep", "Dtype of the merged floating-point weights.", choices=DENSE_DTYPES)
     device: str = setting(
-        "cpu", "Where ΔW is added: cpu, or cuda/auto (each weight passes through the GPU; merging is disk-bound, so cpu is the default).",
+        "cpu",
+        "Where ΔW is added: cpu, or cuda/auto (each weight passes through the GPU; merging is disk-bound, so cpu is the default).",
         choices=DEVICES,
     )
 

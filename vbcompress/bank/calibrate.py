@@ -20,17 +20,17 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..adapter import Adapter, VBCode, VectorBank
+from ..adapter import Adapter
 from ..basemodel import CHUNK_TOKENS, Base, Retention, effect_distance, real_positions, retention
-from ..settings import CalibrationSettings
-from .fit import Mix, deterministic
+from ..codec.layout import VBCode, VectorBank, untile_B
+from ..settings import CalibrationSettings, Progress
+from .mixing import Mix, deterministic
 
 
 @dataclass
@@ -88,8 +88,7 @@ class BankModel(nn.Module):
         for j, name in enumerate(self.names):
             (ia, wa), (ib, wb) = self.codes(2 * j), self.codes(2 * j + 1)
             a = Mix.apply(self.bank, wa.reshape(-1, self.topk), ia.reshape(-1, self.topk)).reshape(ia.shape[0], -1)
-            b = Mix.apply(self.bank, wb.reshape(-1, self.topk), ib.reshape(-1, self.topk))
-            b = b.reshape(ib.shape[0], ib.shape[1], length).transpose(1, 2).reshape(-1, ib.shape[1])
+            b = untile_B(Mix.apply(self.bank, wb.reshape(-1, self.topk), ib.reshape(-1, self.topk)).reshape(*ib.shape[:2], length))
             delta = b @ a
             out[name] = delta.T if self.layout[name] else delta
         return out
@@ -187,7 +186,7 @@ def calibrate(
     texts: list[str],
     settings: CalibrationSettings,
     seed: int = 0,
-    progress: Callable[[str, int, int, float], None] | None = None,
+    progress: Progress | None = None,
     freeze_bank: bool = False,
 ) -> tuple[VectorBank, CalibrationReport]:
     """Train ``vb`` so that base + bank reproduces base + ``source`` on ``texts``; returns the bank and a report.
@@ -238,12 +237,27 @@ def _calibrate(source, vb, base, texts, settings, seed, progress, freeze_bank) -
     result = model.vector_bank()
     with torch.no_grad():
         after = retention(base, held, teacher, BankModel(result, source).to(device).deltas(), settings.max_length) if held else None
-    result = VectorBank(bank=result.bank.cpu(), topk=result.topk, codes={n: VBCode(**{k: t.cpu() for k, t in vars(c).items()}) for n, c in result.codes.items()})
+    result = VectorBank(
+        bank=result.bank.cpu(),
+        topk=result.topk,
+        codes={n: VBCode(**{k: t.cpu() for k, t in vars(c).items()}) for n, c in result.codes.items()},
+    )
     report = CalibrationReport(
-        steps=settings.steps, samples=len(texts), heldout_samples=len(held), batch_size=settings.batch_size,
-        max_length=settings.max_length, lr=settings.lr, seed=seed, objective=objective.name,
-        retention_before=before, retention_after=after, first_loss=losses[0] if losses else None,
-        last_loss=losses[-1] if losses else None, frozen_bank=freeze_bank,
-        teacher_topk=settings.teacher_topk if base.causal else None, seconds=time.perf_counter() - start, device=str(device),
-    )  # fmt: skip
+        steps=settings.steps,
+        samples=len(texts),
+        heldout_samples=len(held),
+        batch_size=settings.batch_size,
+        max_length=settings.max_length,
+        lr=settings.lr,
+        seed=seed,
+        objective=objective.name,
+        retention_before=before,
+        retention_after=after,
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        frozen_bank=freeze_bank,
+        teacher_topk=settings.teacher_topk if base.causal else None,
+        seconds=time.perf_counter() - start,
+        device=str(device),
+    )
     return result, report

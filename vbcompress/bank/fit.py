@@ -26,22 +26,18 @@ assignment paid for fresh 64 MB temporaries (in-place, smaller chunks: 1.6× fas
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ..adapter import VBCode
+from ..codec.layout import VBCode, code_of, tile_A, tile_B
 from ..linalg import balanced
-from ..settings import FitSettings
+from ..settings import FitSettings, Progress
+from .assign import assign, reseed_dead, seed_bank, solve_bank
+from .mixing import Mixing
 
-# Elements of the [chunk, candidates, partners] scratch tensors in one assignment chunk (4 MB each in
-# float32): at 7B scale, smaller chunks measured faster than 64 MB ones (1.22 s vs 1.42 s per assignment).
-CHUNK_ELEMENTS = 1 << 20
 # Alternation stops once the best error improved by less than FitSettings.tol over this many iterations.
 PATIENCE = 3
 
@@ -109,7 +105,11 @@ class Problem:
 
 
 def build_problem(
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]], length: int, ranks: dict[str, int], device, scales: dict[str, float] | None = None
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    length: int,
+    ranks: dict[str, int],
+    device,
+    scales: dict[str, float] | None = None,
 ) -> Problem:
     """Balance every module's ``(B, A)`` (scale folded), keep ``ranks[name]`` directions (zero-padded), and
     tile. ``scales[name]`` (default 1) weighs the module's error in the objective."""
@@ -124,8 +124,7 @@ def build_problem(
             b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
             s = torch.cat([s, s.new_zeros(pad)])
         a, b, s = a.to(device), b.to(device), s.float().to(device)
-        sub_a = a.reshape(-1, length)
-        sub_b = b.reshape(-1, length, rank).transpose(1, 2).reshape(-1, length)
+        sub_a, sub_b = tile_A(a, length), tile_B(b, length)
         names.append(name)
         Bs.append(b)
         As.append(a)
@@ -136,186 +135,6 @@ def build_problem(
         total += c * float(s.double().square().sum())
         cs.append(c)
     return Problem(names, Bs, As, torch.cat(subs), torch.cat(weights), spans, total, cs)
-
-
-def seed_bank(U: torch.Tensor, w: torch.Tensor, n: int, gen: torch.Generator, lloyd: int = 5) -> torch.Tensor:
-    """Weighted k-means++ seeding (D² sampling with weights ``w``) and a few weighted Lloyd steps."""
-    S = U.shape[0]
-    if S <= n:
-        extra = U[torch.randint(S, (n - S,), generator=gen, device="cpu").to(U.device)]
-        noise = torch.randn(extra.shape, generator=gen).to(U.device) * U.std() * 0.1
-        return torch.cat([U, extra + noise]).clone()
-    mass = w.clamp_min(0) + 1e-12
-    first = int(torch.multinomial(mass.cpu(), 1, generator=gen))
-    centers = [U[first]]
-    d2 = (U - U[first]).square().sum(1)
-    # Seed in blocks so huge problems stay fast: each draw samples several centres from the same D².
-    while len(centers) < n:
-        take = min(n - len(centers), max(1, n // 64))
-        p = (mass * d2).clamp_min(0).cpu().double()
-        if p.sum() <= 0:
-            p = torch.ones_like(p)
-        idx = torch.multinomial(p, take, replacement=False, generator=gen).to(U.device)
-        for i in idx.tolist():
-            centers.append(U[i])
-        new = U[idx]
-        d2 = torch.minimum(d2, torch.cdist(U, new).square().min(1).values)
-    bank = torch.stack(centers)
-    for _ in range(lloyd):
-        assign = nearest(U, bank)
-        num = torch.zeros_like(bank).index_add_(0, assign, U * w[:, None])
-        den = torch.zeros(n, device=U.device).index_add_(0, assign, w)
-        used = den > 0
-        bank[used] = num[used] / den[used, None]
-    return bank
-
-
-def nearest(U: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(U.shape[0], dtype=torch.long, device=U.device)
-    nb = bank.square().sum(1)
-    step = max(1, CHUNK_ELEMENTS // bank.shape[0])
-    for s in range(0, U.shape[0], step):
-        u = U[s : s + step]
-        out[s : s + step] = (nb[None] - 2 * u @ bank.T).argmin(1)
-    return out
-
-
-def assign(
-    U: torch.Tensor, bank: torch.Tensor, k: int, candidates: int, partners: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best convex combination of ``k`` distinct bank vectors for every sub-vector: (indices, weights) ``[S, k]``.
-
-    k=1: nearest vector. k=2: for the ``candidates`` nearest vectors i, the best point of every segment
-    [b_i, b_j] over the ``partners`` nearest j (all N when None), exactly. k>2: extend greedily, each step the best segment from the current
-    point to a new vector.
-    """
-    S, n = U.shape[0], bank.shape[0]
-    G = bank @ bank.T
-    nb = G.diagonal()
-    idx = torch.empty(S, k, dtype=torch.long, device=U.device)
-    wts = torch.empty(S, k, device=U.device)
-    m = min(candidates, n)
-    mj = n if partners is None else max(m, min(partners, n))
-    step = max(1, CHUNK_ELEMENTS // (m * mj))
-    for s in range(0, S, step):
-        u = U[s : s + step]
-        P = u @ bank.T  # [c, N]
-        nu = u.square().sum(1)
-        d = P.mul(-2).add_(nb)  # ‖u − b‖² − ‖u‖²
-        if k == 1:
-            idx[s : s + step, 0] = d.argmin(1)
-            wts[s : s + step, 0] = 1
-            continue
-        near = d.topk(mj, dim=1, largest=False).indices  # [c, J] partners; the first m are the candidates
-        cand = near[:, :m]
-        Pi, Pj = P.gather(1, cand), P.gather(1, near)  # u·b_i, u·b_j
-        Gij = G[cand[:, :, None], near[:, None, :]]  # [c, m, J] b_i·b_j
-        nbi, nbj = nb[cand], nb[near]
-        # The [c, m, J] terms are computed in place, in the same operation order as the plain expressions
-        # (identical results): fresh 64 MB temporaries cost more in page faults than the arithmetic.
-        ee = (nu[:, None] - 2 * Pi + nbi)[..., None]  # ‖u − b_i‖²
-        ef = (Pj[:, None, :] - Pi[..., None]).sub_(Gij).add_(nbi[..., None])  # (u − b_i)·(b_j − b_i)
-        ff = Gij.mul_(-2).add_(nbj[:, None, :]).add_(nbi[..., None])  # ‖b_j − b_i‖²
-        t = ff.clamp_min(1e-20)
-        t = torch.div(ef, t, out=t).clamp_(0, 1)
-        err = ef.mul_(2).sub_(ff.mul_(t)).mul_(t).neg_().add_(ee)  # ‖u − b_i‖² − t(2ef − t·ff)
-        err[:, torch.arange(m), torch.arange(m)] = float("inf")  # j must differ from i
-        flat = err.reshape(err.shape[0], -1).argmin(1)
-        ci, cj = flat // mj, flat % mj
-        rows = torch.arange(len(flat), device=U.device)
-        i, j = cand[rows, ci], near[rows, cj]
-        tt = t[rows, ci, cj]
-        cur_idx = [i, j]
-        cur_w = [1 - tt, tt]
-        for _ in range(2, k):
-            # current point c = Σ w b; add j on the segment [c, b_j]
-            W = torch.stack(cur_w, 1)
-            I = torch.stack(cur_idx, 1)
-            cP = (W * P.gather(1, I)).sum(1)  # u·c
-            cG = (W[..., None] * G[I]).sum(1)  # c·b_j  [c, N]
-            cc = (W[:, :, None] * W[:, None, :] * G[I[:, :, None], I[:, None, :]]).sum((1, 2))
-            ee = nu - 2 * cP + cc
-            ef = P - cP[:, None] - cG + cc[:, None]
-            ff = nb[None] - 2 * cG + cc[:, None]
-            t = (ef / ff.clamp_min(1e-20)).clamp(0, 1)
-            err = ee[:, None] - 2 * t * ef + t.square() * ff
-            err.scatter_(1, I, float("inf"))
-            j = err.argmin(1)
-            tt = t[rows, j]
-            cur_w = [w_ * (1 - tt) for w_ in cur_w] + [tt]
-            cur_idx.append(j)
-        idx[s : s + step] = torch.stack(cur_idx, 1)
-        wts[s : s + step] = torch.stack(cur_w, 1)
-    return idx, wts
-
-
-def solve_bank(U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, old: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
-    """Closed-form bank minimising ``Σ_s w_s ‖u_s − Σ_k wts_sk · bank[idx_sk]‖²`` for fixed codes.
-
-    With the mixing matrix ``C: [S, N]`` (row s holds the code of sub-vector s) the bank solves
-    ``(Cᵀ W C + λI) bank = Cᵀ W U + λ·old``, a small ridge keeping unused vectors where they were.
-    """
-    n = old.shape[0]
-    M, R = normal_equations(U, w, idx, wts, n)
-    lam = ridge * (M.diagonal().mean() + 1e-30)
-    M.diagonal().add_(lam)
-    return torch.linalg.solve(M, R + lam * old.double()).float()
-
-
-def normal_equations(U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Cᵀ W C [N, N], Cᵀ W U [N, L])`` in float64 for the sparse mixing matrix ``C`` of the codes."""
-    S, k = idx.shape
-    if U.device.type == "cpu":
-        # scipy's sparse products: 2.4× faster than index_add_ at N=2048, S=156k (no [S, L] float64
-        # temporaries), sequential and so deterministic; same result to the last bit in our measurement.
-        import numpy as np
-        import scipy.sparse as sp
-
-        rows = np.repeat(np.arange(S), k)
-        C = sp.csr_matrix((wts.double().numpy().ravel(), (rows, idx.numpy().ravel())), shape=(S, n))
-        Cw = C.multiply(w.double().numpy()[:, None]).tocsr()
-        return torch.from_numpy((Cw.T @ C).toarray()), torch.from_numpy(Cw.T @ U.double().numpy())
-    M = torch.zeros(n * n, dtype=torch.float64, device=U.device)
-    R = torch.zeros(n, U.shape[1], dtype=torch.float64, device=U.device)
-    cw = wts.double() * w.double()[:, None]
-    for a in range(k):
-        R.index_add_(0, idx[:, a], cw[:, a : a + 1] * U.double())
-        for b in range(k):
-            M.index_add_(0, idx[:, a] * n + idx[:, b], cw[:, a] * wts[:, b].double())
-    return M.reshape(n, n), R
-
-
-def reseed_dead(bank: torch.Tensor, U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, gen) -> int:
-    """Move bank vectors no sub-vector uses onto the worst-fitted sub-vectors; returns how many moved."""
-    used = torch.zeros(bank.shape[0], dtype=torch.bool, device=bank.device)
-    used[idx[wts > 1e-4]] = True
-    dead = (~used).nonzero().flatten()
-    if len(dead) == 0:
-        return 0
-    resid = w * (U - (wts[..., None] * bank[idx]).sum(1)).square().sum(1)
-    worst = resid.topk(min(len(dead), len(resid))).indices
-    bank[dead[: len(worst)]] = U[worst]
-    return len(worst)
-
-
-class Mix(torch.autograd.Function):
-    """``sub[s] = Σ_k w[s, k] · bank[idx[s, k]]`` with a hand-written backward.
-
-    Autograd's gather-backward accumulates in parallel (run-to-run differences on CPU) and torch's
-    deterministic mode makes it very slow; ``index_add_`` on CPU is sequential and fast.
-    """
-
-    @staticmethod
-    def forward(ctx, bank: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(bank, w, idx)
-        return (w[..., None] * bank[idx]).sum(1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        bank, w, idx = ctx.saved_tensors
-        grad_bank = torch.zeros_like(bank).index_add_(0, idx.reshape(-1), (w[..., None] * grad[:, None, :]).reshape(-1, bank.shape[1]))
-        grad_w = (grad[:, None, :] * bank[idx]).sum(-1) if ctx.needs_input_grad[1] else None
-        return grad_bank, grad_w, None
 
 
 def exact_error(problem: Problem, sub: torch.Tensor) -> torch.Tensor:
@@ -357,7 +176,7 @@ class _ExactError(torch.autograd.Function):
             problem._grad = torch.empty_like(sub)  # reused across steps, like Mixing's output
         out = problem._grad
         pieces, gpieces = sub.split(problem._sizes), out.split(problem._sizes)
-        for g, ((G, B, A, c, _), (Ga, Gb, Pa, Pb)) in enumerate(zip(problem.groups(), ctx.saved)):
+        for g, ((G, _, A, c, _), (Ga, Gb, Pa, Pb)) in enumerate(zip(problem.groups(), ctx.saved)):
             r = A.shape[1]
             a, bt = pieces[2 * g].view(G, r, -1), pieces[2 * g + 1].view(G, r, -1)
             ga, gbt = gpieces[2 * g].view(G, r, -1), gpieces[2 * g + 1].view(G, r, -1)
@@ -365,82 +184,6 @@ class _ExactError(torch.autograd.Function):
             torch.bmm(f * Gb, a, out=ga).baddbmm_(f * Pb, A, alpha=-1)
             torch.bmm(f * Ga, bt, out=gbt).baddbmm_(f * Pa, problem.Bt(g), alpha=-1)
         return out, None
-
-
-class Mixing:
-    """The fixed support of the codes as sparse matrices: ``sub = C @ bank`` with ``C: [S, N]`` holding
-    row s's k weights at its k indices. On CPU, torch's sparse CSR kernels do the forward (``C @ bank``)
-    and both gradients (``Cᵀ @ grad`` and the sampled ``grad @ bankᵀ``) about 4× faster than gathers
-    and ``index_add_`` at 7B scale, without [S, k, L] temporaries; elsewhere :class:`Mix` runs.
-    """
-
-    def __init__(self, idx: torch.Tensor, n: int):
-        S, k = idx.shape
-        self.idx, self.n, self.sparse = idx, n, idx.device.type == "cpu"
-        if self.sparse:
-            self.crow = torch.arange(0, S * k + 1, k)
-            self.out: torch.Tensor | None = None
-            self._transposed: tuple | None = None
-
-    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(order, crow, col, pattern) for ``Cᵀ`` and the sampled product; built on the first backward."""
-        if self._transposed is None:
-            flat = self.idx.reshape(-1)
-            S, k = self.idx.shape
-            order = torch.argsort(flat, stable=True)  # stable: Cᵀ sums in row order, like index_add_
-            crow = torch.cat([flat.new_zeros(1), torch.bincount(flat, minlength=self.n).cumsum(0)])
-            col = torch.arange(S).repeat_interleave(k)[order]
-            self._transposed = (order, crow, col, csr(self.crow, flat, torch.ones(S * k), (S, self.n)))
-        return self._transposed
-
-    def __call__(self, bank: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``sub [S, L]`` from ``bank [N, L]`` and mixture weights ``w [S, k]`` (differentiable in both)."""
-        if not self.sparse:
-            return Mix.apply(bank, w, self.idx)
-        return _SparseMix.apply(bank, w, self)
-
-
-@contextlib.contextmanager
-def deterministic():
-    """torch's deterministic kernels for the duration: CUDA's index_add/scatter accumulate with atomics, so
-    only this makes a fit or a calibration on a GPU repeatable per seed."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    with warnings.catch_warnings():  # torch calls its CSR support "beta" on every construction
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
-
-
-class _SparseMix(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, bank: torch.Tensor, w: torch.Tensor, m: Mixing) -> torch.Tensor:
-        ctx.save_for_backward(bank, w)
-        ctx.m = m
-        C = csr(m.crow, m.idx.reshape(-1), w.reshape(-1), (w.shape[0], m.n))
-        if m.out is None or m.out.shape[1] != bank.shape[1]:
-            m.out = bank.new_empty(w.shape[0], bank.shape[1])
-        # Into one reused buffer: a fresh [S, L] result is mmap-ed and page-faulted on every call, which
-        # took 10× the product itself (98 ms vs 9 ms at 7B scale). The last step's graph is gone by then.
-        return torch.addmm(m.out, C, bank, beta=0, out=m.out)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        bank, w = ctx.saved_tensors
-        m = ctx.m
-        grad_bank = grad_w = None
-        order, crow, col, pattern = m.transposed()
-        if ctx.needs_input_grad[0]:
-            grad_bank = torch.sparse.mm(csr(crow, col, w.reshape(-1)[order], (m.n, w.shape[0])), grad)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.sparse.sampled_addmm(pattern, grad, bank.T, beta=0.0).values().view(w.shape)
-        return grad_bank, grad_w, None
 
 
 @dataclass
@@ -455,7 +198,7 @@ class FitResult:
 def fit_bank(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     settings: FitSettings,
-    progress: Callable[[str, int, int, float], None] | None = None,
+    progress: Progress | None = None,
     *,
     ranks: dict[str, int] | None = None,
     scales: dict[str, float] | None = None,
@@ -548,14 +291,8 @@ def fit_bank(
     codes = {}
     for i, name in enumerate(prob.names):
         start, na, nb = prob.spans[i]
-        rank = prob.A[i].shape[0]
-        sl_a, sl_b = slice(start, start + na), slice(start + na, start + na + nb)
-        codes[name] = VBCode(
-            indices_A=idx[sl_a].reshape(rank, -1, k).cpu(),
-            weights_A=wts[sl_a].reshape(rank, -1, k).cpu(),
-            indices_B=idx[sl_b].reshape(nb // rank, rank, k).cpu(),
-            weights_B=wts[sl_b].reshape(nb // rank, rank, k).cpu(),
-        )
+        rows = slice(start, start + na + nb)
+        codes[name] = code_of(idx[rows].cpu(), wts[rows].cpu(), prob.A[i].shape[0], prob.A[i].shape[1], prob.B[i].shape[0], L)
     lap("other")
     return FitResult(bank=bank.cpu(), codes=codes, rel_error=rel(err), history=history, seconds=seconds)
 

@@ -1,59 +1,50 @@
-"""Readers and writers, one module per format, and format detection."""
+"""Readers and writers, one module per format, behind one registry: each format module gives a
+:class:`~.common.Format` (``name``, ``detect``, ``read``, ``write``) and :data:`REGISTRY` lists them in the
+order detection tries them."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..adapter import Adapter
-from ..errors import FormatError, SettingError, ShapeError, listed
-from ..files import read_json, read_tensors
-from .common import check_config, check_finite, header_config
-from .diffusers import is_legacy, read_diffusers, write_diffusers
-from .kohya import dotted_name, read_kohya, write_kohya
-from .mlx import WEIGHT_FILES as MLX_FILES, is_mlx, read_mlx
-from .peft_lora import read_peft_lora, write_peft_lora
-from .vblora import read_vblora, write_vblora
+from ..errors import FormatError, SettingError
+from ..files import read_tensors
+from ..settings import DENSE_FORMATS, FORMATS
+from . import diffusers, kohya, mlx, peft_lora, vblora
+from .common import Format, Found, check_finite
+from .mlx import WEIGHT_FILES as MLX_FILES
+from .peft_lora import peft_named, write_peft_lora
+from .vblora import write_vblora
 
-FORMATS = ("peft", "vblora", "kohya", "diffusers", "mlx")
-DENSE_FORMATS = ("peft", "kohya", "diffusers")  # what a dense LoRA can be written as
+# Detection order matters: VB-LoRA keys also carry PEFT's prefix, and diffusers' bare lora_A keys are the
+# least specific.
+REGISTRY: dict[str, Format] = {f.name: f for f in (vblora.FORMAT, kohya.FORMAT, mlx.FORMAT, peft_lora.FORMAT, diffusers.FORMAT)}
+assert set(REGISTRY) == set(FORMATS) and {n for n, f in REGISTRY.items() if f.write} == set(DENSE_FORMATS)
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", *MLX_FILES)
-__all__ = ["DENSE_FORMATS", "FORMATS", "detect_format", "load_adapter", "write_dense", "write_diffusers", "write_kohya", "write_peft_lora", "write_vblora"]
+__all__ = [
+    "DENSE_FORMATS",
+    "FORMATS",
+    "REGISTRY",
+    "detect_format",
+    "load_adapter",
+    "peft_named",
+    "write_dense",
+    "write_peft_lora",
+    "write_vblora",
+]
 
 
 def detect_format(tensors: dict[str, torch.Tensor], path: Path) -> str:
     """Which format a state dict is in, judged from its keys."""
     keys = list(tensors)
-    if any("vblora_vector_bank" in k or ".vblora_logits_" in k for k in keys):
-        return "vblora"
-    if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
-        return "kohya"
-    if is_mlx(keys):
-        return "mlx"
-    if any(k.startswith("base_model.model.") and (".lora_A." in k or ".lora_embedding_A" in k) for k in keys):
-        return "peft"
-    if is_legacy(keys) or any(k.endswith(".lora_A.weight") for k in keys):
-        return "diffusers"
+    for fmt in REGISTRY.values():
+        if fmt.detect(keys):
+            return fmt.name
     shown = ", ".join(keys[:3]) if keys else "the file holds no tensors"
     raise FormatError(path, f"no LoRA tensors recognised (keys: {shown})")
-
-
-def _peft_config(path: Path, weights: Path, peft_type: str, metadata: dict | None = None) -> dict:
-    cfg_path = path / "adapter_config.json" if path.is_dir() else weights.parent / "adapter_config.json"
-    if cfg_path.is_file():
-        config = read_json(cfg_path)
-    elif (config := header_config(metadata, weights)) is not None:  # a lone weights file whose header carries its config
-        cfg_path = weights
-    else:
-        raise FormatError(cfg_path, f"missing adapter_config.json next to {weights.name}")
-    # No peft_type in an old config: the tensors say which it is.
-    found = config.get("peft_type", "VBLORA" if peft_type == "vblora" else "LORA")
-    if str(found).upper() not in ("LORA", "VBLORA"):
-        raise FormatError(cfg_path, f"unsupported peft_type {found!r} (vbcompress reads LORA and VBLORA)")
-    return check_config(config, cfg_path)
 
 
 def weights_in(path: Path) -> Path:
@@ -89,17 +80,10 @@ def load_adapter(path: str | os.PathLike, format: str | None = None, allow_nonfi
     fmt = format or detect_format(tensors, weights)
     if not allow_nonfinite:
         check_finite(weights, tensors)
-    if fmt in ("peft", "vblora"):
-        config = _peft_config(path, weights, fmt, metadata)
-        if str(config.get("peft_type", fmt)).upper() == "VBLORA" or fmt == "vblora":
-            return read_vblora(tensors, config, weights)
-        return read_peft_lora(tensors, config, weights)
-    if fmt == "kohya":
-        return read_kohya(tensors, metadata, weights)
-    if fmt == "mlx":
-        cfg = weights.parent / "adapter_config.json"
-        return read_mlx(tensors, read_json(cfg) if cfg.is_file() else {}, weights)
-    return read_diffusers(tensors, metadata, weights)
+    found = Found(tensors=tensors, metadata=metadata, weights=weights, path=path)
+    if fmt == "peft" and vblora.detect(list(tensors)):  # --format peft on a VB-LoRA file: its config decides
+        fmt = "vblora"
+    return REGISTRY[fmt].read(found)
 
 
 def family_of(source_format: str) -> str:
@@ -124,26 +108,4 @@ def write_dense(adapter: Adapter, out: str | os.PathLike, to: str, dtype: torch.
     check_dense_format(to)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if to == "kohya":
-        file = out / f"{name or out.name}.safetensors"
-        write_kohya(adapter, file, dtype, metadata=adapter.config.get("metadata"))
-        return file
-    if to == "diffusers":
-        write_diffusers(adapter, out / "pytorch_lora_weights.safetensors", dtype)
-        return out / "pytorch_lora_weights.safetensors"
-    write_peft_lora(peft_named(adapter), out, dtype=dtype)
-    return out / "adapter_model.safetensors"
-
-
-def peft_named(adapter: Adapter) -> Adapter:
-    """A kohya/diffusers adapter with PEFT module paths: dotted, relative to its one model."""
-    placed = {n: dotted_name(n) for n in adapter.modules}
-    if all(p is not None and p[1] == n for n, p in placed.items()):
-        return adapter  # already PEFT paths (an LLM's, or a bare UNet's)
-    unnamed = [n for n, p in placed.items() if p is None]
-    if unnamed:
-        raise ShapeError(adapter.source, f"no dotted module path for: {listed(unnamed)}")
-    components = sorted({c for c, _ in placed.values() if c})
-    if len(components) > 1:
-        raise ShapeError(adapter.source, f"a PEFT adapter adapts one model; this LoRA spans {', '.join(components)} (write kohya or diffusers)")
-    return replace(adapter, modules={placed[n][1]: m for n, m in adapter.modules.items()}, target_modules=None)
+    return REGISTRY[to].write(adapter, out, dtype, name)

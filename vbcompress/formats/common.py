@@ -16,6 +16,34 @@ from ..errors import FormatError, ShapeError, listed
 
 
 @dataclass
+class Found:
+    """What a reader is given: the file's tensors and safetensors metadata, the weights file, and the
+    path the user named (a folder, or the file itself)."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    weights: Path
+    path: Path
+
+    def sibling_json(self, name: str) -> Path:
+        """``name`` beside the weights (in the named folder, or next to a lone file)."""
+        return self.path / name if self.path.is_dir() else self.weights.parent / name
+
+
+@dataclass(frozen=True)
+class Format:
+    """One adapter format: how its keys are recognised, read, and (for dense LoRA formats) written.
+
+    ``write(adapter, out_dir, dtype, name)`` writes into the folder ``out_dir`` and returns the weights file.
+    """
+
+    name: str
+    detect: Callable[[list[str]], bool]
+    read: Callable[[Found], object]
+    write: Callable | None = None
+
+
+@dataclass
 class FactorPair:
     """The raw tensors of one module as found in a file: down (A), up (B) and an optional alpha."""
 

@@ -14,7 +14,18 @@ import torch
 from ..adapter import Adapter
 from ..errors import FormatError, ShapeError, listed
 from ..files import save_tensors
-from .common import build_modules, dtype_name, header_config, match_keys, peft_scale, reject_unknown, stored_alpha_scale, stored_factors
+from .common import (
+    Format,
+    Found,
+    build_modules,
+    dtype_name,
+    header_config,
+    match_keys,
+    peft_scale,
+    reject_unknown,
+    stored_alpha_scale,
+    stored_factors,
+)
 from .kohya import dotted_name
 from .peft_lora import lora_config
 
@@ -43,6 +54,14 @@ def _legacy_name(m: re.Match) -> str:
 
 def is_legacy(keys) -> bool:
     return any(".processor." in k or ".lora.down." in k or ".lora_linear_layer." in k for k in keys)
+
+
+def detect(keys: list[str]) -> bool:
+    return is_legacy(keys) or any(k.endswith(".lora_A.weight") for k in keys)
+
+
+def read(found: Found) -> Adapter:
+    return read_diffusers(found.tensors, found.metadata, found.weights)
 
 
 def read_diffusers(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> Adapter:
@@ -85,7 +104,10 @@ def write_diffusers(adapter: Adapter, file: Path, dtype: torch.dtype | None = No
     placed = {n: dotted_name(n) for n in adapter.modules}
     unnamed = [n for n, p in placed.items() if p is None]
     if unnamed:
-        raise ShapeError(adapter.source, f"no diffusers module path for: {listed(unnamed)} (SDXL sgm block names map only with the model; write kohya instead)")
+        raise ShapeError(
+            adapter.source,
+            f"no diffusers module path for: {listed(unnamed)} (SDXL sgm block names map only with the model; write kohya instead)",
+        )
     bare = len({c for c, _ in placed.values()}) == 1
     keys = {n: path if bare or not component else f"{component}.{path}" for n, (component, path) in placed.items()}
     renamed = replace(adapter, modules={keys[n]: m for n, m in adapter.modules.items()}, source_format="diffusers", target_modules=None)
@@ -96,3 +118,12 @@ def write_diffusers(adapter: Adapter, file: Path, dtype: torch.dtype | None = No
     if bare:
         metadata["lora_adapter_metadata"] = json.dumps(lora_config(renamed, renamed.modules), indent=2, sort_keys=True)
     save_tensors(tensors, file, metadata=metadata)
+
+
+def write(adapter: Adapter, out: Path, dtype: torch.dtype | None = None, name: str | None = None) -> Path:
+    """``OUT/pytorch_lora_weights.safetensors``: what ``load_lora_weights(OUT)`` looks for."""
+    write_diffusers(adapter, out / "pytorch_lora_weights.safetensors", dtype)
+    return out / "pytorch_lora_weights.safetensors"
+
+
+FORMAT = Format("diffusers", detect, read, write)

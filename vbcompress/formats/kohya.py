@@ -17,7 +17,7 @@ from ..adapter import CONV, LINEAR, Adapter
 from ..errors import FormatError, ShapeError, listed
 from ..files import save_tensors
 from ..version import __version__
-from .common import build_modules, dtype_name, match_keys, reject_unknown, stored_alpha_scale, stored_factors
+from .common import Format, Found, build_modules, dtype_name, match_keys, reject_unknown, stored_alpha_scale, stored_factors
 
 RULES = [
     (re.compile(r"^(?P<name>lora_[a-z0-9]+_.+)\.lora_down\.weight$"), "down"),
@@ -28,7 +28,17 @@ RULES = [
 PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 # Top-level module names of diffusers' UNet2DConditionModel and of CLIP's text model: a module path without
 # a component prefix is placed by its first part.
-UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding", "conv_norm_out", "encoder_hid_proj")
+UNET_ROOTS = (
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "conv_in",
+    "conv_out",
+    "time_embedding",
+    "add_embedding",
+    "conv_norm_out",
+    "encoder_hid_proj",
+)
 TEXT_ROOTS = ("text_model", "text_projection")
 # Names with an underscore of their own, in diffusers' UNet and CLIP (longest first, so `to_out` is not cut
 # inside `proj_out`): every other underscore in a kohya name was a dot.
@@ -42,6 +52,14 @@ COMPOUNDS = sorted(
 )
 # kohya's SDXL LoRAs name sgm (LDM) blocks, which have no one-to-one dotted diffusers path without the model.
 SGM_PARTS = ("input_blocks", "output_blocks", "middle_block")
+
+
+def detect(keys: list[str]) -> bool:
+    return any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys)
+
+
+def read(found: Found) -> Adapter:
+    return read_kohya(found.tensors, found.metadata, found.weights)
 
 
 def read_kohya(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> Adapter:
@@ -130,3 +148,13 @@ def write_kohya(adapter: Adapter, file: Path, dtype: torch.dtype | None = None, 
         vbcompress_version=__version__,
     )
     save_tensors(tensors, file, metadata=meta)
+
+
+def write(adapter: Adapter, out: Path, dtype: torch.dtype | None = None, name: str | None = None) -> Path:
+    """One ``OUT/<name or OUT's name>.safetensors``, as ComfyUI and A1111 load it."""
+    file = out / f"{name or out.name}.safetensors"
+    write_kohya(adapter, file, dtype, metadata=adapter.config.get("metadata"))
+    return file
+
+
+FORMAT = Format("kohya", detect, read, write)

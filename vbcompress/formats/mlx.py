@@ -15,7 +15,8 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import FormatError
-from .common import build_modules, dtype_name, match_keys, reject_unknown
+from ..files import read_json
+from .common import Format, Found, build_modules, dtype_name, match_keys, reject_unknown
 
 RULES = [
     (re.compile(r"^(?P<name>.+)\.lora_a$"), "down"),
@@ -43,6 +44,15 @@ def mlx_scale(config: dict, path: Path) -> float:
     return scale
 
 
+def detect(keys: list[str]) -> bool:
+    return is_mlx(keys)
+
+
+def read(found: Found) -> Adapter:
+    cfg = found.weights.parent / "adapter_config.json"
+    return read_mlx(found.tensors, read_json(cfg) if cfg.is_file() else {}, found.weights)
+
+
 def read_mlx(tensors: dict[str, torch.Tensor], config: dict, path: Path) -> Adapter:
     """Build an :class:`Adapter` from an mlx-lm adapter's tensors and config (``{}`` when it has none)."""
     # mlx stores A as [in, r] and B as [r, out]: transposed against PEFT's A [r, in], B [out, r].
@@ -61,3 +71,6 @@ def read_mlx(tensors: dict[str, torch.Tensor], config: dict, path: Path) -> Adap
         config=config,
         source=str(path),
     )
+
+
+FORMAT = Format("mlx", detect, read)  # read only: mlx-lm users convert with --to peft

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..adapter import EMBEDDING, Adapter, LoraModule
-from ..files import save_tensors, write_json
-from ..errors import FormatError, ShapeError
-from .common import build_modules, dtype_name, match_keys, pattern_value, peft_scale, reject_unknown, stored_factors
+from ..errors import FormatError, ShapeError, listed
+from ..files import read_json, save_tensors, write_json
+from .common import (
+    Format,
+    Found,
+    build_modules,
+    check_config,
+    dtype_name,
+    header_config,
+    match_keys,
+    pattern_value,
+    peft_scale,
+    reject_unknown,
+    stored_factors,
+)
+from .kohya import dotted_name
 
 PREFIX = "base_model.model."
 RULES = [
@@ -22,6 +36,36 @@ RULES = [
 ]
 # Parts of a LoRA that are not factors but must travel with it: DoRA magnitudes, LoRA biases.
 CARRIED_LORA_PARTS = re.compile(r"\.(lora_magnitude_vector(\.weight)?|lora_B\.bias)$")
+
+
+def detect(keys: list[str]) -> bool:
+    return any(k.startswith(PREFIX) and (".lora_A." in k or ".lora_embedding_A" in k) for k in keys)
+
+
+def peft_config(found: Found, peft_type: str) -> dict:
+    """The adapter's PEFT config: ``adapter_config.json`` beside the weights, or the weights header's
+    ``lora_adapter_metadata`` for a lone file; checked, and of a type we read."""
+    cfg_path = found.sibling_json("adapter_config.json")
+    if cfg_path.is_file():
+        config = read_json(cfg_path)
+    elif (config := header_config(found.metadata, found.weights)) is not None:
+        cfg_path = found.weights
+    else:
+        raise FormatError(cfg_path, f"missing adapter_config.json next to {found.weights.name}")
+    # No peft_type in an old config: the tensors say which it is.
+    kind = config.get("peft_type", peft_type)
+    if str(kind).upper() not in ("LORA", "VBLORA"):
+        raise FormatError(cfg_path, f"unsupported peft_type {kind!r} (vbcompress reads LORA and VBLORA)")
+    return check_config(config, cfg_path)
+
+
+def read(found: Found) -> Adapter:
+    config = peft_config(found, "LORA")
+    if str(config.get("peft_type", "LORA")).upper() == "VBLORA":
+        raise FormatError(
+            found.weights, "VB-LoRA file without base_model.vblora_vector_bank (its config says VBLORA, its tensors are LoRA)"
+        )
+    return read_peft_lora(found.tensors, config, found.weights)
 
 
 def read_peft_lora(tensors: dict[str, torch.Tensor], config: dict, path: Path) -> Adapter:
@@ -107,3 +151,27 @@ def write_peft_lora(adapter: Adapter, out: str | os.PathLike, dtype: torch.dtype
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(tensors, out / "adapter_model.safetensors")
     write_json(out / "adapter_config.json", lora_config(adapter, adapter.modules))
+
+
+def peft_named(adapter: Adapter) -> Adapter:
+    """A kohya/diffusers adapter with PEFT module paths: dotted, relative to its one model."""
+    placed = {n: dotted_name(n) for n in adapter.modules}
+    if all(p is not None and p[1] == n for n, p in placed.items()):
+        return adapter  # already PEFT paths (an LLM's, or a bare UNet's)
+    unnamed = [n for n, p in placed.items() if p is None]
+    if unnamed:
+        raise ShapeError(adapter.source, f"no dotted module path for: {listed(unnamed)}")
+    components = sorted({c for c, _ in placed.values() if c})
+    if len(components) > 1:
+        raise ShapeError(
+            adapter.source, f"a PEFT adapter adapts one model; this LoRA spans {', '.join(components)} (write kohya or diffusers)"
+        )
+    return replace(adapter, modules={placed[n][1]: m for n, m in adapter.modules.items()}, target_modules=None)
+
+
+def write(adapter: Adapter, out: Path, dtype: torch.dtype | None = None, name: str | None = None) -> Path:
+    write_peft_lora(peft_named(adapter), out, dtype=dtype)
+    return out / "adapter_model.safetensors"
+
+
+FORMAT = Format("peft", detect, read, write)

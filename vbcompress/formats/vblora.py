@@ -1,9 +1,5 @@
-"""PEFT VB-LoRA: one vector bank ``[N, L]`` and per-module logits, full or in the compact top-k layout.
-
-PEFT restores a compact module's logits as ``log(w)`` at the stored indices (the last weight being
-``1 - Σ others``) and ``-inf`` elsewhere; :func:`restored_weights` repeats that arithmetic exactly so that
-our reconstruction equals what PEFT computes.
-"""
+"""PEFT VB-LoRA: one vector bank ``[N, L]`` and per-module logits, full or in the compact top-k layout
+(the code layout itself lives in :mod:`vbcompress.codec.layout`)."""
 
 from __future__ import annotations
 
@@ -13,40 +9,23 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter, LoraModule, VBCode, VectorBank, index_dtype, natural_key
+from ..adapter import Adapter, LoraModule, natural_key
+from ..codec.layout import MIN_WEIGHT, VBCode, VectorBank, compact_weights, index_dtype, restored_weights
 from ..errors import FormatError, ShapeError
 from ..files import save_tensors, write_json
-from .common import dtype_name, reject_unknown
-from .peft_lora import PREFIX, target_modules_for
+from .common import Format, Found, dtype_name, reject_unknown
+from .peft_lora import PREFIX, peft_config, target_modules_for
 
 BANK_KEY = "base_model.vblora_vector_bank"
 LOGITS = re.compile(r"^base_model\.model\.(?P<name>.+)\.vblora_logits_(?P<side>[AB])(?P<part>_topk_indices|_topk_weights)?$")
-# Smallest mixture weight we write: PEFT takes log(1 - Σ stored), which must stay finite in float32.
-MIN_WEIGHT = 1e-6
 
 
-def restored_weights(stored: torch.Tensor) -> torch.Tensor:
-    """Full top-k weights from the ``k-1`` stored ones, computed as PEFT does on load."""
-    stored = stored.float()
-    full = torch.cat([stored, 1 - stored.sum(-1, keepdim=True)], dim=-1)
-    return torch.softmax(torch.log(full), dim=-1)
+def detect(keys: list[str]) -> bool:
+    return any("vblora_vector_bank" in k or ".vblora_logits_" in k for k in keys)
 
 
-def compact_weights(weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort a code by weight (descending), keep weights ≥ MIN_WEIGHT, return (indices, stored k-1 weights)."""
-    k = weights.shape[-1]
-    w = weights.double().clamp_min(0)
-    w = w / w.sum(-1, keepdim=True)
-    w = w * (1 - k * MIN_WEIGHT) + MIN_WEIGHT
-    w, order = w.sort(dim=-1, descending=True)
-    return indices.gather(-1, order), w[..., : k - 1].float().contiguous()
-
-
-def canonical_code(code: VBCode) -> VBCode:
-    """The code exactly as it reads back from the compact layout (weights rounded the way PEFT restores them)."""
-    ia, wa = compact_weights(code.weights_A, code.indices_A)
-    ib, wb = compact_weights(code.weights_B, code.indices_B)
-    return VBCode(ia, restored_weights(wa), ib, restored_weights(wb))
+def read(found: Found) -> Adapter:
+    return read_vblora(found.tensors, peft_config(found, "VBLORA"), found.weights)
 
 
 def read_vblora(tensors: dict[str, torch.Tensor], config: dict, path: Path) -> Adapter:
@@ -103,7 +82,9 @@ def read_vblora(tensors: dict[str, torch.Tensor], config: dict, path: Path) -> A
 def _side_code(p: dict, side: str, name: str, vb: VectorBank, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if side in p:
         if not p[side].is_floating_point() or p[side].dim() != 3:
-            raise FormatError(path, f"module {name}: vblora_logits_{side} must be 3-D floating logits, not {p[side].dtype} {list(p[side].shape)}")
+            raise FormatError(
+                path, f"module {name}: vblora_logits_{side} must be 3-D floating logits, not {p[side].dtype} {list(p[side].shape)}"
+            )
         logits = p[side].float()
         if logits.shape[-1] != vb.num_vectors:
             raise ShapeError(path, f"module {name}: logits_{side} last dim {logits.shape[-1]} != num_vectors {vb.num_vectors}")
@@ -183,3 +164,6 @@ def write_vblora(adapter: Adapter, out: str | os.PathLike, full_logits: bool = F
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(tensors, out / "adapter_model.safetensors")
     write_json(out / "adapter_config.json", config)
+
+
+FORMAT = Format("vblora", detect, read)  # written by lora2vb (write_vblora), never as a dense LoRA

@@ -1,0 +1,103 @@
+"""Getting adapters out of a collection: ``unpack`` to files any loader reads, ``load_peft`` into one PEFT
+model with the bank held once."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from ..dense import truncate
+from ..errors import SettingError
+from ..files import CAST_DTYPES, REPORT_FILE, write_json
+from ..formats import check_dense_format, family_of, write_dense, write_vblora
+from ..output import atomic_output_dir
+from ..settings import RankSettings
+from .store import Store
+
+
+@dataclass
+class UnpackReport:
+    """What ``unpack`` wrote: one folder per adapter, VB-LoRA or dense LoRA."""
+
+    collection: str
+    names: list[str]
+    paths: list[Path]
+    dense: bool
+    to: str | None = None
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "paths": [str(p) for p in self.paths]}
+
+
+class Collection(Store):
+    """A collection on disk (see :mod:`vbcompress.collection.store`), with the ways out of it."""
+
+    def unpack(
+        self,
+        names: list[str],
+        out: str | os.PathLike,
+        *,
+        dense: bool = False,
+        rank: int | str | None = None,
+        rank_settings: RankSettings | None = None,
+        overwrite: bool = False,
+        to: str | None = None,
+    ) -> UnpackReport:
+        """Write each named adapter as a PEFT VB-LoRA adapter (or, ``dense``, a dense LoRA at ``rank`` by the
+        rules of ``vb2lora``, written as ``to``: default the source's own family, see
+        :func:`~vbcompress.formats.write_dense`). One name: ``out`` is the adapter; several: ``out/NAME`` each."""
+        if not names:
+            raise SettingError("names", "name at least one adapter to unpack", where=self.path)
+        for name in names:
+            self.entry(name)
+        for setting, value in (("rank", rank), ("to", to)):
+            if value is not None and not dense:
+                raise SettingError(setting, "{setting} applies to a dense unpack only")
+        check_dense_format(to)
+        written = []
+        with atomic_output_dir(out, overwrite=overwrite, inputs=(self.path,)) as tmp:
+            for name in names:
+                target = tmp if len(names) == 1 else tmp / name
+                if dense:
+                    adapter, settings = self.adapter(name), rank_settings or RankSettings()
+                    lora, _ = truncate(adapter, rank, settings)
+                    fmt = to or family_of(self.entry(name).source_format)
+                    lora = replace(lora, target_modules=adapter.target_modules, source_format="peft")
+                    write_dense(lora, target, fmt, dtype=CAST_DTYPES[settings.dtype], name=name)
+                else:
+                    meta, vb, carried = self.codes(name)  # the codes as they are: nothing decoded
+                    write_vblora(self._as_adapter(name, meta, {}, carried, vb), target)
+                write_json(target / REPORT_FILE, {"collection": str(self.path), **asdict(self.entry(name))})
+                written.append(Path(out) if len(names) == 1 else Path(out) / name)
+            if len(names) > 1:  # marks the folder as ours (for overwrite) and says what it holds
+                write_json(tmp / REPORT_FILE, {"collection": str(self.path), "unpacked": names, "dense": dense})
+        return UnpackReport(collection=str(self.path), names=list(names), paths=written, dense=dense, to=to)
+
+    def load_peft(self, model, names: list[str]):
+        """Load the named adapters into one PEFT model (switch with ``set_adapter``), holding the bank
+        tensor once: every adapter's ``vblora_vector_bank`` entry is the same Parameter."""
+        from peft import PeftModel
+
+        if not names:
+            raise SettingError("names", "name at least one adapter to load", where=self.path)
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = self.unpack(names, Path(tmp) / "u").paths
+            peft_model = None
+            for name, path in zip(names, paths, strict=True):
+                if peft_model is None:
+                    peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+                else:
+                    peft_model.load_adapter(str(path), adapter_name=name)
+        banks = peft_model.base_model.vblora_vector_bank
+        shared = banks[names[0]]
+        for name in names[1:]:
+            banks[name] = shared
+        peft_model.set_adapter(names[0])
+        return peft_model
+
+
+def inspect_collection(path: str | os.PathLike):
+    """The summary ``inspect COLLECTION`` prints."""
+    return Collection(path).summary()

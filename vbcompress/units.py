@@ -1,0 +1,14 @@
+"""Sizes for people (kept free of torch, so the command line starts fast)."""
+
+from __future__ import annotations
+
+
+def fmt_bytes(n: int | None) -> str:
+    """Bytes for people: ``512 B``, ``19.84 KB``, ``1.62 MB`` (decimal units, as the reports use)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)

@@ -27,8 +27,9 @@ import torch
 from vbcompress import CalibrationSettings, FitSettings, load_adapter, lora2vb
 from vbcompress.bank.calibrate import TokenKL
 from vbcompress.baselines import bytes_per_rank, quantize, truncated_factors
-from vbcompress.basemodel import Base, read_texts, retention
+from vbcompress.basemodel import Base, read_texts
 from vbcompress.linalg import balanced
+from vbcompress.retention import retention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collection import rss_peak_gib  # noqa: E402  (VmHWM: ru_maxrss keeps a spawned child's pre-exec, i.e. the parent's, peak)

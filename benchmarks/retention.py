@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from vbcompress import CalibrationSettings, FitSettings, OutputSettings, load_adapter
-from vbcompress.basemodel import Base, read_texts, retention
+from vbcompress.basemodel import Base, read_texts
 from vbcompress.compress import lora2vb
 from vbcompress.dense import truncate
 from vbcompress.metrics import delta_errors
+from vbcompress.retention import retention
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [  # (N, L, bank dtype, rank, also weights-only)

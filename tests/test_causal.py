@@ -15,11 +15,12 @@ from vbcompress import CalibrationSettings, FitSettings, load_adapter
 from vbcompress.bank import fit
 from vbcompress.bank.calibrate import TokenKL
 from vbcompress.bank.pipeline import calibration_texts
-from vbcompress.basemodel import Base, read_texts, retention
+from vbcompress.basemodel import Base, read_texts
 from vbcompress.compress import lora2vb
 from vbcompress.errors import FormatError, VBCompressError
 from vbcompress.evaluate import evaluate
 from vbcompress.files import REPORT_FILE
+from vbcompress.retention import retention
 
 from .conftest import ADAPTERS, REPO, tiny_causal_base, tiny_causal_lora
 

@@ -33,6 +33,7 @@ _API = {
     "MergeSettings": "settings",
     "OutputSettings": "settings",
     "RankSettings": "settings",
+    "QualitySettings": "settings",
     "Collection": "collection",
     "pack": "collection",
     "add": "collection",

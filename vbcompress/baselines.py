@@ -1,7 +1,7 @@
 """The plain baselines every report is measured against, at the same byte budget.
 
 Global-rank SVD truncation of every module, its balanced factors stored at fp16, or quantized to int8 /
-int4 with symmetric absmax groups of 64 values (one fp16 scale per group). If a bank does not beat these
+int4 (and int3 / int2) with symmetric absmax groups of 64 values (one fp16 scale per group). If a bank does not beat these
 at its own size, the report says so.
 """
 
@@ -17,7 +17,7 @@ from .adapter import LoraModule
 from .linalg import balanced, delta_sq_error, gram_sq_norm
 
 GROUP = 64
-BITS = (16, 8, 4)
+BITS = (16, 8, 4, 3, 2)
 
 
 @dataclass
@@ -30,17 +30,32 @@ class Baseline:
     bits: int = 16
 
 
-def quantize(t: torch.Tensor, bits: int) -> torch.Tensor:
-    """Symmetric absmax quantization in groups of 64 consecutive values, dequantized (fp16 group scales)."""
+def quantize_levels(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax quantization in groups of 64 consecutive values of ``t`` flattened: (integer levels in
+    ``[-(2^(bits-1)-1), 2^(bits-1)-1]`` as int16, one float16 scale per group)."""
     if not 2 <= bits <= 8:  # the group scale, absmax / (2^(bits-1) - 1), is stored as fp16: at 16 bits it underflows
         raise ValueError(f"quantize takes 2 to 8 bits, not {bits}")
-    flat = t.reshape(-1)
+    flat = t.float().reshape(-1)
     pad = (-flat.numel()) % GROUP
     g = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, GROUP)
     levels = 2 ** (bits - 1) - 1
-    scale = (g.abs().amax(1, keepdim=True) / levels).half().float().clamp_min(1e-12)
-    q = (g / scale).round().clamp(-levels, levels) * scale
-    return q.reshape(-1)[: flat.numel()].reshape(t.shape)
+    scale = (g.abs().amax(1, keepdim=True) / levels).half()
+    q = (g / scale.float().clamp_min(1e-12)).round().clamp(-levels, levels)
+    return q.reshape(-1)[: flat.numel()].to(torch.int16), scale.reshape(-1)
+
+
+def dequantize(levels: torch.Tensor, scales: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The float32 tensor of ``shape`` that :func:`quantize_levels` stored as ``levels`` and ``scales``."""
+    n = levels.numel()
+    pad = (-n) % GROUP
+    g = torch.cat([levels.float(), levels.new_zeros(pad).float()]).reshape(-1, GROUP)
+    return (g * scales.float().clamp_min(1e-12)[:, None]).reshape(-1)[:n].reshape(shape)
+
+
+def quantize(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric absmax quantization in groups of 64 consecutive values, dequantized (fp16 group scales)."""
+    levels, scales = quantize_levels(t, bits)
+    return dequantize(levels, scales, tuple(t.shape))
 
 
 def truncated_factors(m: LoraModule, rank: int, bits: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

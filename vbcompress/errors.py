@@ -27,7 +27,7 @@ class VBCompressError(Exception):
     def render(self, name_of=lambda setting: setting) -> str:
         """The one-line message, with ``{setting}`` written as ``name_of(setting)``."""
         problem = self.problem.replace("{setting}", name_of(self.setting)) if self.setting else self.problem
-        return f"{self.where}: {problem}" if self.where else problem
+        return shown(f"{self.where}: {problem}" if self.where else problem)
 
 
 def _rebuild(kind: type, where: str | None, problem: str, setting: str | None) -> VBCompressError:
@@ -57,6 +57,12 @@ class OutputError(VBCompressError):
 
 class HubError(VBCompressError):
     """The Hugging Face Hub could not give what was asked for."""
+
+
+def shown(text: str) -> str:
+    """``text`` safe for one terminal line: control characters (newlines, escape sequences) written as
+    escapes, so a hostile name can neither split a message nor drive the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
 def listed(items, limit: int = 6, sep: str = ", ") -> str:

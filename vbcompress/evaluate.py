@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .basemodel import Base, Retention, read_texts, retention
+from .basemodel import Base, read_texts
 from .errors import SettingError
 from .formats import load_adapter
 from .hub import resolve
 from .metrics import DeltaReport, SizeReport, delta_errors, size_report
+from .retention import Retention, retention
 
 
 @dataclass

@@ -16,6 +16,7 @@ from .errors import FormatError
 
 REPORT_FILE = "vbcompress.json"  # what every adapter output holds: the report, and our mark for --overwrite
 MANIFEST_FILE = "collection.json"  # a collection's manifest, and its mark
+COLLECTION_LOCK = ".lock"  # inside a collection: every writer of it holds this lock
 MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
 
@@ -162,14 +163,31 @@ def read_npz(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_json(path: str | Path) -> dict:
+MAX_JSON = 64 << 20  # configs, manifests and tables are small: anything larger is not one of them
+
+
+def read_json(path: str | Path, max_bytes: int = MAX_JSON) -> dict:
+    """A JSON object from a regular file of at most ``max_bytes``: devices, FIFOs and folders are refused
+    before they are opened (a FIFO would block, /dev/zero never ends), and nesting too deep for Python's
+    parser is a FormatError, not a RecursionError."""
     path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise FormatError(path, "no such file")
+    if not path.is_file():
+        raise FormatError(path, "not a regular file" + (" (a folder)" if path.is_dir() else ""))
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FormatError(path, "no such file") from None
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise FormatError(path, f"cannot read ({e.strerror})") from None
+    if len(raw) > max_bytes:
+        raise FormatError(path, f"over {max_bytes >> 20} MiB: too large for a JSON file vbcompress reads")
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(path, f"invalid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(path, "invalid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise FormatError(path, "expected a JSON object")
     return data
@@ -187,6 +205,7 @@ def replace_json(path: Path, data: dict, *, sort_keys: bool = True, prefix: str 
 
     fd, tmp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: give it the mode a plain open would
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
             f.flush()
@@ -195,6 +214,14 @@ def replace_json(path: Path, data: dict, *, sort_keys: bool = True, prefix: str 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

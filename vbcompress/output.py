@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import OutputError
-from .files import MANIFEST_FILE, REPORT_FILE
+from .files import COLLECTION_LOCK, MANIFEST_FILE, REPORT_FILE
 
 MARKERS = (REPORT_FILE, MANIFEST_FILE)
 
@@ -98,6 +98,7 @@ class OutputTarget:
             raise OutputError(self.out, f"cannot write in {parent} (permission denied)")
         self._lock()
         self._clean_stale()
+        self._lock_collection()
 
     @property
     def _lock_path(self) -> Path:
@@ -111,14 +112,32 @@ class OutputTarget:
         if self.fd is None:
             raise OutputError(self.out, "another vbcompress process is writing this output; wait for it or choose another")
 
+    def _lock_collection(self) -> None:
+        """Replacing a collection takes the lock its own writers (``add``, ``remove``) take, inside it."""
+        self.inner_fd = None
+        out = self.out.absolute()
+        if (out / MANIFEST_FILE).is_file() and not out.is_symlink():
+            self.inner_fd = exclusive_lock(out / COLLECTION_LOCK)
+            if self.inner_fd is None:
+                self.release()
+                raise OutputError(
+                    self.out, "another vbcompress process is writing this collection (it is locked); try again when it has finished"
+                )
+
     def _clean_stale(self) -> None:
+        out = self.out.absolute()
         pattern = re.compile(rf"^\.{re.escape(self.out.name)}\.(tmp|old)-(\d+)-")
-        for p in self.out.absolute().parent.iterdir():
+        for p in sorted(out.parent.iterdir(), key=lambda p: p.name):
             m = pattern.match(p.name)
             if m and not _pid_alive(int(m[2])):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                if m[1] == "old" and (p / "x").is_dir() and not out.exists() and not out.is_symlink():
+                    os.replace(p / "x", out)  # killed between the two renames of a replace: the old output comes back
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
     def release(self) -> None:
+        if getattr(self, "inner_fd", None) is not None:
+            os.close(self.inner_fd)
+            self.inner_fd = None
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 self._lock_path.unlink()
@@ -144,12 +163,15 @@ class OutputTarget:
             raise OutputError(self.out, f"cannot write next to the output ({e.strerror})") from None
         try:
             yield tmp
-            _default_permissions(tmp)
+            default_permissions(tmp)
             if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-                os.replace(out, old / "x")
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
+                if exchange(tmp, out):  # one atomic step: a reader sees the old output or the new, never neither
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+                    os.replace(out, old / "x")
+                    os.replace(tmp, out)  # a kill between the two: the next claim puts the old one back
+                    shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, out)
         except BaseException as e:
@@ -176,13 +198,25 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: t
         yield tmp
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        rc = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2)  # AT_FDCWD, RENAME_EXCHANGE
+    except (OSError, AttributeError):
+        return False
+    return rc == 0
+
+
 def _disk_full(error: BaseException) -> bool:
     """ENOSPC / EDQUOT from Python's own I/O, or as safetensors' Rust writer words it."""
     text = str(error)
     return getattr(error, "errno", None) in (28, 122) or "No space left" in text or "StorageFull" in text or "code: 28" in text
 
 
-def _default_permissions(root: Path) -> None:
+def default_permissions(root: Path) -> None:
     """mkdtemp makes private directories; give the output the modes a plain mkdir/open would."""
     umask = os.umask(0)
     os.umask(umask)

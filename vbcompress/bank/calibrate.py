@@ -27,8 +27,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..adapter import Adapter
-from ..basemodel import CHUNK_TOKENS, Base, Retention, effect_distance, real_positions, retention
+from ..basemodel import CHUNK_TOKENS, Base, effect_distance, real_positions
 from ..codec.layout import VBCode, VectorBank, untile_B
+from ..retention import Retention, retention
 from ..settings import CalibrationSettings, Progress
 from .mixing import Mix, deterministic
 
@@ -199,14 +200,21 @@ def calibrate(
         return _calibrate(source, vb, base, texts, settings, seed, progress, freeze_bank)
 
 
+def heldout_split(texts: list[str], settings: CalibrationSettings, gen: torch.Generator) -> tuple[list[str], list[str]]:
+    """(held-out, training) texts: a seeded shuffle, cut to ``settings.samples``, of which ``settings.heldout``
+    are never trained on. The same seed gives the same split to calibration and to whoever measures after it."""
+    order = torch.randperm(len(texts), generator=gen).tolist()
+    texts = [texts[i] for i in order][: settings.samples]
+    n_held = max(1, round(len(texts) * settings.heldout)) if len(texts) > 1 else 0
+    return texts[:n_held], texts[n_held:] or texts
+
+
 def _calibrate(source, vb, base, texts, settings, seed, progress, freeze_bank) -> tuple[VectorBank, CalibrationReport]:
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    order = torch.randperm(len(texts), generator=gen).tolist()
-    texts = [texts[i] for i in order][: settings.samples]
-    n_held = max(1, round(len(texts) * settings.heldout)) if len(texts) > 1 else 0
-    held, train = texts[:n_held], texts[n_held:] or texts
+    samples = min(len(texts), settings.samples)
+    held, train = heldout_split(texts, settings, gen)
     device = base.device
     teacher = {n: d.to(device) for n, d in source.delta_weights().items()}
     model = BankModel(vb, source).to(device)
@@ -244,7 +252,7 @@ def _calibrate(source, vb, base, texts, settings, seed, progress, freeze_bank) -
     )
     report = CalibrationReport(
         steps=settings.steps,
-        samples=len(texts),
+        samples=samples,
         heldout_samples=len(held),
         batch_size=settings.batch_size,
         max_length=settings.max_length,

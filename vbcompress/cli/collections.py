@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from ..errors import FormatError
-from ..settings import CalibrationSettings, FitSettings, OutputSettings, RankSettings
+from ..errors import FormatError, shown
+from ..settings import CalibrationSettings, FitSettings, OutputSettings, QualitySettings, RankSettings
 from ..units import fmt_bytes
 from .options import (
     flag_of,
@@ -33,11 +33,12 @@ def print_collection(info) -> None:
     )
     rows = [
         [
-            name,
-            e.source,
+            shown(name),
+            shown(e.source),
             e.source_sha256[:12],
-            e.rank,
+            e.held_as,
             fmt_num(e.rel_error, ".4f"),
+            fmt_num(e.retention, ".3f"),
             fmt_bytes(e.marginal_bytes),
             fmt_bytes(e.source_fp16_bytes),
             e.added_by + (" +cal" if e.calibrated else ""),
@@ -45,21 +46,53 @@ def print_collection(info) -> None:
         for name, e in info.entries.items()
     ]
     click.echo()
-    print_table(["adapter", "source", "sha256", "r", "ΔW error", "marginal", "source fp16", "added"], rows)
+    print_table(["adapter", "source", "sha256", "held as", "ΔW error", "retention", "marginal", "source fp16", "added"], rows)
     ratio = f"{info.ratio_vs_sources_fp16:.1%}" if info.ratio_vs_sources_fp16 else "-"
     click.echo(
         f"\ntotal:       {fmt_bytes(info.total_bytes)} for {len(rows)} adapter(s) = {ratio} of the sources at fp16 "
         f"({fmt_bytes(info.sources_fp16_bytes)}); {fmt_bytes(info.disk_bytes)} on disk"
     )
+    if info.unlisted:
+        click.echo(f"note: adapters/ also holds {', '.join(map(shown, info.unlisted))}, which the manifest does not name (left alone)")
+
+
+def describe(t: dict) -> str:
+    if t["codec"] == "bank":
+        return f"bank codes r={t['rank']}"
+    return f"{'fp16' if t['bits'] == 16 else 'int' + str(t['bits'])} factors r={t['rank']}"
+
+
+def kept(t: dict) -> str:
+    parts = [f"ΔW error {fmt_num(t['rel_error'], '.3f')}"] + ([f"retention {t['retention']:.3f}"] if t.get("retention") is not None else [])
+    return ", ".join(parts)
 
 
 def print_entries(entries, verb: str) -> None:
     for e in entries:
+        retention = f", retention {e.retention:.3f}" if e.retention is not None else ""
         click.echo(
-            f"{verb} {e.name}: ΔW error {fmt_num(e.rel_error, '.4f')}, {fmt_bytes(e.marginal_bytes)} "
-            f"({e.marginal_bytes / e.source_fp16_bytes:.1%} of its LoRA at fp16), rank {e.rank}"
+            f"{verb} {shown(e.name)}: held as {e.held_as} of rank {e.source_rank}, {fmt_bytes(e.marginal_bytes)} "
+            f"({e.marginal_bytes / e.source_fp16_bytes:.1%} of its LoRA at fp16): ΔW error {fmt_num(e.rel_error, '.4f')}{retention} "
+            f"(floor: {e.floor})"
         )
-        if e.rel_error is not None and e.rel_error >= 0.9:
+        missed = [t for t in e.tried if t["codec"] != e.codec and t["bytes"] <= e.codes_bytes and not t["met"]]
+        if e.codec != "bank" and any(t["codec"] == "bank" for t in e.tried):
+            bank = max((t for t in e.tried if t["codec"] == "bank"), key=lambda t: t["bytes"])
+            click.echo(
+                f"  the shared bank's codes (rank {bank['rank']}, {bank['bytes'] / e.source_fp16_bytes:.1%}) kept only {kept(bank)}: "
+                "plain factors keep more here"
+            )
+        elif missed:
+            low = max(missed, key=lambda t: t["bytes"])
+            click.echo(f"  plain factors at no more bytes ({low['bytes'] / e.source_fp16_bytes:.1%}) kept {kept(low)}")
+        better = [t for t in e.tried if t["codec"] != e.codec and t["met"] and t["bytes"] > e.codes_bytes]
+        if e.codec == "bank" and better:
+            low = min(better, key=lambda t: t["bytes"])
+            click.echo(
+                f"  the floor is met, not more: {describe(low)} keep {kept(low)} at {low['bytes'] / e.source_fp16_bytes:.1%} "
+                "(raise the floor to get it)"
+            )
+        if e.rel_error is not None and e.rel_error >= 0.9 and e.retention is None:
             click.echo(
                 f"note: the bank keeps almost nothing of {e.name} (ΔW error {e.rel_error:.3f}; 1.0 is an empty adapter): "
                 "its weights share little with what the bank was fitted to. A bank of its own, or int4 factors, keeps more."
@@ -72,16 +105,23 @@ def print_entries(entries, verb: str) -> None:
 @names_option
 @settings_options(FitSettings, "fit", skip=("code_refine_steps",))
 @settings_options(OutputSettings, "output", skip=("full_logits",))
+@settings_options(QualitySettings, "quality")
+@click.option("--base", default=None, help="Base model directory or Hub id: hold each adapter to a retention floor, calibrating its codes.")
+@texts_option
+@settings_options(CalibrationSettings, "calibration")
 @click.option("--allow-mixed-bases", is_flag=True, help="Pack adapters whose configs name different base models.")
 @overwrite_option
 @format_option
 @token_option
 @click.option("--json", "as_json", is_flag=True, help="Print the collection summary as JSON.")
-def pack(sources, out, names, fit, output, allow_mixed_bases, overwrite, fmt, token, as_json):
+def pack(sources, out, names, fit, output, allow_mixed_bases, overwrite, fmt, token, as_json, **judging):
     """Fit ONE vector bank jointly to every adapter in SOURCES (paths or Hub ids of one base) and write a collection.
 
     The bank is paid for once; each adapter then costs only its codes. Each adapter weighs equally in the
-    fit (relative ΔW error). Add more later with `add`, get PEFT adapters back with `unpack`.
+    fit (relative ΔW error). Every adapter is held to a floor (--max-error, default 0.5; with --base,
+    --min-kl-retention on held-out text, default 0.5): where the bank's codes miss it, or plain int-N SVD
+    factors meet it in fewer bytes, the adapter is held as those factors, and the output says so. Add more
+    later with `add`, get adapters back with `unpack`.
     """
     from ..collection import pack as pack_
 
@@ -97,6 +137,7 @@ def pack(sources, out, names, fit, output, allow_mixed_bases, overwrite, fmt, to
             overwrite=overwrite,
             token=token,
             progress=bar,
+            **judging,
         )
 
     def text(info) -> None:
@@ -139,6 +180,7 @@ def read_list(path: str) -> list[str]:
 )
 @texts_option
 @settings_options(CalibrationSettings, "calibration")
+@settings_options(QualitySettings, "quality")
 @click.option("--allow-mixed-bases", is_flag=True, help="Add adapters whose configs name another base model.")
 @format_option
 @token_option
@@ -146,7 +188,9 @@ def read_list(path: str) -> list[str]:
 def add(collection, sources, from_list, names, fmt, as_json, **options):
     """Encode each adapter in SOURCES against the frozen bank of COLLECTION and add it (codes only).
 
-    Each source lands or fails on its own: a failure (not found, gated, NaN, does not fit the bank) is
+    Each adapter is held the cheapest way that meets the floor (--max-error, default 0.5; with --base,
+    --min-kl-retention on held-out text, default 0.5): bank codes of its top directions, or plain int-N SVD
+    factors where those keep more for the bytes; one that nothing meets is refused. Each source lands or fails on its own: a failure (not found, gated, NaN, does not fit the bank) is
     printed, recorded in COLLECTION/failures.json, and the batch goes on; the exit code is 2 if any failed.
     Re-running the same command skips what is already in (same source, same weights hash) and retries the
     failures, so a killed batch resumes where it stopped.
@@ -173,6 +217,8 @@ def add(collection, sources, from_list, names, fmt, as_json, **options):
         print_entries(report.added, "added")
         if report.skipped:
             click.echo(f"skipped {len(report.skipped)} source(s) already in the collection")
+        for note in report.notes:
+            click.echo(f"note: {shown(note)}", err=True)
         if single and report.failed:
             click.echo(f"error: {report.failed[0].outcome.error.render(flag_of)}", err=True)
         elif report.failed:
@@ -204,8 +250,9 @@ def unpack(collection, names, out, dense, rank, to, rank_settings, overwrite, as
     )
 
     def text(report) -> None:
-        for name, path in zip(report.names, report.paths):
-            click.echo(f"wrote {path}  ({name}, {'dense LoRA' if report.dense else 'VB-LoRA'})")
+        for name, path, what in zip(report.names, report.paths, report.written_as):
+            held = "" if report.dense or what == "VB-LoRA" else f": held as {Collection(collection).entry(name).held_as}"
+            click.echo(f"wrote {shown(path)}  ({shown(name)}, {what}{held})")
 
     Sink(as_json).result(report, text)
 

@@ -38,7 +38,7 @@ def settings_options(cls, param: str, skip: tuple[str, ...] = ()):
         if isinstance(default, bool):
             opts.append(click.option(*decls, dest, is_flag=True, default=default, help=md["help"]))
             continue
-        kind = click.Choice(md["choices"]) if md.get("choices") else (type(default) if default is not None else int)
+        kind = click.Choice(md["choices"]) if md.get("choices") else (type(default) if default is not None else md.get("kind") or int)
         opts.append(click.option(*decls, dest, default=default, type=kind, show_default=default is not None, help=md["help"]))
 
     def decorate(command):

@@ -19,9 +19,10 @@ from .layout import VBCode, code_of, decode, half_stored, module_subvectors, res
 
 class BankCodec(Codec):
     name = "bank"
+    peft_type = "VBLORA"
 
-    def tensor_names(self) -> tuple[str, ...]:
-        return ("indices", "weights")
+    def owns(self, key: str) -> bool:
+        return key in ("indices", "weights")
 
     def hold(self, codes: dict[str, VBCode], topk: int, num_vectors: int) -> dict[str, torch.Tensor]:
         """``codes`` laid out as stored: one ``indices`` and one ``weights`` table for all modules."""
@@ -55,7 +56,7 @@ class BankCodec(Codec):
 
     def check(self, tensors, table, path: Path, bank_shape: tuple[int, int], topk: int) -> None:
         n, length = bank_shape
-        for key in self.tensor_names():
+        for key in ("indices", "weights"):
             if key not in tensors:
                 raise FormatError(path, f"codes file without its {key!r} tensor")
         indices, weights = tensors["indices"], tensors["weights"]

@@ -2,7 +2,7 @@
 
 A codec turns an adapter's modules into tensors for its ``codes.safetensors`` plus a JSON table (the
 module list and whatever the codec needs to decode), and back. The vector bank is one codec
-(:mod:`.bank`); every codec answers the same four questions: what it stores (:meth:`Codec.hold`), how it
+(:mod:`.bank`); every codec answers the same four questions: what it stores (``hold``), how it
 decodes (:meth:`Codec.decode`), what that costs in bytes (:meth:`Codec.stored_bytes`) and which tensors a
 valid file holds (:meth:`Codec.check`).
 """
@@ -21,18 +21,19 @@ class Codec(ABC):
     """One way of holding an adapter's modules; ``name`` is what a manifest entry records."""
 
     name: str
+    peft_type: str  # what `unpack` writes it as: "VBLORA" (bank codes, as they are) or "LORA" (dense factors)
 
     @abstractmethod
     def decode(self, tensors: dict[str, torch.Tensor], table: dict, bank: torch.Tensor | None, topk: int) -> dict[str, LoraModule]:
         """Modules ``A: [r, in]``, ``B: [out, r]`` (scale folded) from what :meth:`hold` stored."""
 
     @abstractmethod
-    def tensor_names(self) -> tuple[str, ...]:
-        """The codec's own tensors in a codes file (anything else there is a carried head)."""
+    def owns(self, key: str) -> bool:
+        """Whether ``key`` in a codes file is one of the codec's own tensors (anything else is a carried head)."""
 
     def stored_bytes(self, tensors: dict[str, torch.Tensor]) -> int:
         """Bytes of the codec's own tensors as stored."""
-        return sum(tensors[k].numel() * tensors[k].element_size() for k in self.tensor_names() if k in tensors)
+        return sum(t.numel() * t.element_size() for k, t in tensors.items() if self.owns(k))
 
     @abstractmethod
     def check(self, tensors: dict[str, torch.Tensor], table: dict, path: Path, bank_shape: tuple[int, int], topk: int) -> None:

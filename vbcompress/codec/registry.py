@@ -5,8 +5,9 @@ from __future__ import annotations
 from ..errors import FormatError
 from .bank import BANK
 from .base import Codec
+from .lowrank import LOWRANK
 
-CODECS: dict[str, Codec] = {BANK.name: BANK}
+CODECS: dict[str, Codec] = {BANK.name: BANK, LOWRANK.name: LOWRANK}
 
 
 def codec_named(name: str, where) -> Codec:

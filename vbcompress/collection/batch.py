@@ -8,19 +8,32 @@ adapters in flight.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..basemodel import Base
-from ..errors import SettingError, VBCompressError
+from ..errors import FormatError, OutputError, SettingError, VBCompressError
 from ..hub import resolve
-from ..settings import CalibrationSettings, FitSettings, Progress, resolve_device
-from .encode import Encoded, check_sources_fit, encode_one, load_source, write_encoded
-from .store import ADAPTERS, Entry, Store, clean_debris, locked, read_failures, write_failures, write_manifest
+from ..settings import CalibrationSettings, FitSettings, Progress, QualitySettings, resolve_device
+from .encode import Encoded, Judging, check_sources_fit, encode_one, load_source, write_encoded
+from .store import (
+    ADAPTERS,
+    Entry,
+    Store,
+    adapters_folder,
+    clean_debris,
+    discard,
+    journal,
+    locked,
+    read_failures,
+    settle,
+    write_failures,
+    write_manifest,
+)
 
 ENCODING_KNOBS = ("seed", "code_refine_steps", "candidates", "partners", "device")
 
@@ -35,6 +48,7 @@ class Job:
     base_model: str | None
     known_sha256: str | None  # the weights hash of the entry already added from this same source, if any
     taken: frozenset[str]  # names already in the collection
+    quality: QualitySettings = QualitySettings()
     allow_mixed_bases: bool = False
     format: str | None = None
     token: str | None = None
@@ -69,15 +83,17 @@ class AddReport:
     added: list[Entry] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the user should know that is no failure
 
     def to_json(self) -> dict:
         failed = [{"source": f.source, "name": f.name, "error": f.error} for f in self.failed]
-        return {"added": [asdict(e) for e in self.added], "skipped": self.skipped, "failed": failed}
+        return {"added": [asdict(e) for e in self.added], "skipped": self.skipped, "failed": failed, "notes": self.notes}
 
 
-def encode(job: Job, bank: torch.Tensor, progress: Progress | None = None, calibrate_with: tuple | None = None) -> Outcome:
+def encode(job: Job, bank: torch.Tensor, progress: Progress | None = None, judging: Judging | None = None) -> Outcome:
     """Fetch, read, check and encode one source against ``bank`` (no writes): runs in the driver, a
-    worker process or a Ray task alike, and gives the same bytes for the same seed wherever it runs."""
+    worker process or a Ray task alike, and gives the same bytes for the same seed wherever it runs.
+    ``judging`` brings a base model (this process only); without it the job's floor is judged in weight space."""
     try:
         s = load_source(job.given, job.name, job.token, job.format)
         if job.known_sha256 == s.sha256:
@@ -90,9 +106,15 @@ def encode(job: Job, bank: torch.Tensor, progress: Progress | None = None, calib
             )
             raise SettingError("name", f"the collection already has an adapter named {s.name!r}{hint}", where=job.given)
         check_sources_fit([s], job.base_model, {}, job.allow_mixed_bases)
-        return Outcome(job.given, "added", name=s.name, encoded=encode_one(s, job.fit, bank, progress, calibrate_with))
+        judging = judging or Judging(job.quality)
+        return Outcome(job.given, "added", name=s.name, encoded=encode_one(s, job.fit, bank, judging, progress))
     except VBCompressError as e:
         return Outcome(job.given, "failed", name=job.name, error=e)
+    except (OSError, SafetensorError, ValueError) as e:  # a source's I/O (a full disk, a bad path, a Hub id): its own failure
+        first = (str(e).splitlines() or [""])[0][:160]
+        return Outcome(
+            job.given, "failed", name=job.name, error=FormatError(job.given, f"cannot be read or encoded ({type(e).__name__}: {first})")
+        )
 
 
 # ---------------------------------------------------------------- executors: map(encode, jobs)
@@ -127,7 +149,8 @@ def _run_ray(jobs: list[Job], bank: torch.Tensor, address: str) -> Iterator[Outc
         import ray
     except ImportError:
         raise SettingError("ray_address", "Ray is not installed: pip install 'vbcompress[ray]'") from None
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=None if address == "local" else address, log_to_driver=False)
     bank_ref = ray.put(bank)  # in the object store once; every task reads the same copy
     task = ray.remote(num_cpus=1)(encode)
@@ -142,6 +165,8 @@ def _run_ray(jobs: list[Job], bank: torch.Tensor, address: str) -> Iterator[Outc
     finally:
         for ref in pending:  # a driver that stops early takes its tasks with it
             ray.cancel(ref, force=True)
+        if started:  # and the local Ray it started
+            ray.shutdown()
 
 
 def _run_pool(jobs: list[Job], collection: Path, workers: int) -> Iterator[Outcome]:
@@ -181,6 +206,7 @@ def add(
     base: str | os.PathLike | None = None,
     calibration: CalibrationSettings | None = None,
     texts: str | os.PathLike | None = None,
+    quality: QualitySettings | None = None,
     allow_mixed_bases: bool = False,
     format: str | None = None,
     token: str | None = None,
@@ -198,10 +224,16 @@ def add(
     batch resumes it. Failures are recorded in ``failures.json`` (and dropped from it once the source
     lands); the first failure is raised unless ``keep_going``. ``workers > 1`` encodes in a local process
     pool, ``ray_address`` (an address, or ``"local"``) as Ray tasks with the bank in the object store once;
-    only this process writes. With ``base``, each new adapter's logits are calibrated on its function (in
-    this process); the bank stays frozen, since other adapters use it. The bank's settings (N, L, k, rank
-    cap) come from the manifest; from ``fit`` only the encoding knobs are taken (``ENCODING_KNOBS``).
+    only this process writes. Each adapter is held the cheapest way that meets ``quality``'s floor (bank
+    codes of its top directions, or low-rank factors); one that nothing meets fails with a one-line error.
+    With ``base``, the floor is retention on held-out text and each new adapter's codes are calibrated on its
+    function (in this process); the bank stays frozen, since other adapters use it. The bank's settings (N, L,
+    k, rank cap) come from the manifest; from ``fit`` only the encoding knobs are taken (``ENCODING_KNOBS``).
     """
+    quality = quality or QualitySettings()
+    quality.check(base is not None)
+    if texts is not None and base is None:
+        raise SettingError("texts", "calibration text ({setting}) needs a base model", where=texts)
     root = Path(collection)
     Store(root)  # a clear error for a path that is no collection, before taking the lock
     if names is not None and len(names) != len(sources):
@@ -226,6 +258,7 @@ def add(
                 base_model=coll.manifest.base_model,
                 known_sha256=by_source[str(g)].source_sha256 if str(g) in by_source else None,
                 taken=frozenset(coll.names),
+                quality=quality,
                 allow_mixed_bases=allow_mixed_bases,
                 format=format,
                 token=token,
@@ -233,8 +266,10 @@ def add(
             for i, g in enumerate(sources)
         ]
         bank = coll.bank.float()
-        failures = read_failures(root)
-        calibrate_with = None
+        failures, note = read_failures(root)
+        if note:
+            report.notes.append(note)
+        judging = Judging(quality)
         if base is not None:
             settings = calibration or CalibrationSettings()
             settings.check()
@@ -242,22 +277,36 @@ def add(
             # next to calibration, and a bad base stops the batch at once instead of failing every source).
             first = load_source(sources[0], names[0] if names else None, token, format)
             model = Base(resolve(base, "base", token=token).path, first.adapter, device=resolve_device(run.device))
-            calibrate_with = (model, texts, settings)
+            judging = Judging(quality, model, texts, settings)
         single = progress if len(jobs) == 1 else None
-        for outcome in executor(jobs, root, bank, workers, ray_address, lambda job: encode(job, bank, single, calibrate_with)):
+        for outcome in executor(jobs, root, bank, workers, ray_address, lambda job: encode(job, bank, single, judging)):
             if outcome.status == "added" and outcome.name in coll.manifest.adapters:  # two sources of one name in a batch
                 problem = f"the collection already has an adapter named {outcome.name!r} (choose another {{setting}})"
                 outcome = Outcome(outcome.given, "failed", name=outcome.name, error=SettingError("name", problem, where=outcome.given))
             if outcome.status == "added":
+                entry, wrote = None, False
                 try:
-                    report.added.append(write_encoded(root, outcome.encoded, coll.manifest))
+                    entry = write_encoded(root, outcome.encoded, coll.manifest)
+                    wrote = True
                     write_manifest(root, coll.manifest)
-                except BaseException:
-                    # Leave the collection exactly as it was: no entry, no folder (a hard kill leaves the
-                    # folder, which no manifest names; the next writer removes it).
+                except BaseException as e:
+                    # Leave the collection exactly as it was: no entry, no folder of ours (a hard kill leaves
+                    # the folder and its journal; the next writer removes both).
                     coll.manifest.adapters.pop(outcome.name, None)
-                    shutil.rmtree(root / ADAPTERS / outcome.name, ignore_errors=True)
-                    raise
+                    if wrote:
+                        discard(root / ADAPTERS / outcome.name)
+                    settle(root, [outcome.name])
+                    if isinstance(e, VBCompressError):
+                        error = e
+                    elif isinstance(e, (OSError, SafetensorError)):  # a full disk: this adapter's failure, said in one line
+                        error = OutputError(root, f"cannot write adapter {outcome.name!r} ({getattr(e, 'strerror', None) or e})")
+                    else:
+                        raise
+                    outcome = Outcome(outcome.given, "failed", name=outcome.name, error=error)
+                if entry is not None and outcome.status == "added":
+                    settle(root, [outcome.name])
+                    report.added.append(entry)
+            if outcome.status == "added":
                 if failures.pop(outcome.given, None) is not None:
                     write_failures(root, failures)
             elif outcome.status == "skipped":
@@ -286,15 +335,20 @@ class RemoveReport:
 
 
 def remove(collection: str | os.PathLike, names: list[str]) -> RemoveReport:
-    """Remove adapters from a collection: the manifest first (atomically), then their folders."""
+    """Remove adapters from a collection: journalled, the manifest first (atomically), then their folders."""
     root = Path(collection)
     Store(root)
     with locked(root):
         coll = Store(root)
+        adapters_folder(root)  # a symbolic link there would lead the deletes elsewhere
+        clean_debris(root, coll.manifest)
         for name in names:
             coll.entry(name)
         for name in names:
+            journal(root, name)
             del coll.manifest.adapters[name]
         write_manifest(root, coll.manifest)
-        clean_debris(root, coll.manifest)
+        for name in names:
+            discard(root / ADAPTERS / name)
+        settle(root, names)
     return RemoveReport(collection=str(root), removed=list(names))

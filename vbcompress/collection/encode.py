@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter
-from ..bank.calibrate import calibrate
+from ..bank.calibrate import calibrate, heldout_split
 from ..bank.pipeline import calibration_texts, fit_settings_for, run_fit
-from ..codec.bank import BANK
+from ..basemodel import Base
 from ..codec.layout import VBCode, VectorBank
 from ..errors import SettingError, ShapeError
 from ..files import save_tensors
@@ -21,10 +21,11 @@ from ..formats import load_adapter
 from ..formats.peft_lora import target_modules_for
 from ..hub import resolve
 from ..linalg import gram_sq_norm
-from ..metrics import measure
 from ..output import claim_output
-from ..settings import FitSettings, OutputSettings, Progress
-from .store import BANK_FILE, CollectionSummary, Entry, Manifest, Store, check_name, sha256_of, write_adapter, write_manifest
+from ..retention import Probe
+from ..settings import CalibrationSettings, FitSettings, OutputSettings, Progress, QualitySettings, resolve_device
+from .hold import Holding, Judge, choose
+from .store import BANK_FILE, CollectionSummary, Entry, Manifest, Store, check_name, settle, sha256_of, write_adapter, write_manifest
 
 
 @dataclass
@@ -65,11 +66,19 @@ def load_source(given: str | Path, name: str | None, token: str | None, format: 
     )
 
 
+def model_name(base_model: str) -> str:
+    """What a base-model reference names, whatever the path or organisation around it: ``gemma3-270m-it``,
+    ``google/gemma-3-270m-it`` and ``/content/models/gemma-3-270m-it`` all name ``gemma3270mit``."""
+    last = re.split(r"[/\\]", base_model.rstrip("/\\"))[-1]
+    return re.sub(r"[^a-z0-9]", "", last.lower())
+
+
 def check_sources_fit(sources: list[Source], base_model: str | None, shapes: dict[str, tuple[int, int]], allow_mixed_bases: bool) -> None:
-    """Every source must be of one base: same ``base_model`` where configs name one, same shape per module."""
+    """Every source must be of one base: the same model name where configs name one (compared without the
+    path or organisation, see :func:`model_name`), and the same shape per module."""
     for s in sources:
         named = s.adapter.base_model
-        if base_model and named and named != base_model and not allow_mixed_bases:
+        if base_model and named and model_name(named) != model_name(base_model) and not allow_mixed_bases:
             raise ShapeError(
                 s.path,
                 f"adapter {s.name!r} is for base model {named!r}, the collection's is {base_model!r} "
@@ -100,23 +109,10 @@ class Encoded:
     table: dict  # adapter.json
 
 
-def encode_stored(
-    source: Source, bank: torch.Tensor, codes: dict[str, VBCode], topk: int, added_by: str, calibrated: bool = False
-) -> Encoded:
-    """Lay ``codes`` out as a collection stores them and measure the ΔW error of exactly that."""
-    adapter = source.adapter
-    own = BANK.hold(codes, topk, bank.shape[0])
-    rank = next(iter(codes.values())).rank
-    table = {
-        "name": source.name,
-        "codec": BANK.name,
-        "rank": rank,
-        "fan_in_fan_out": adapter.fan_in_fan_out(),
-        "modules": [[mname, m.in_features, m.out_features] for mname, m in adapter.modules.items()],
-    }
-    stored = Adapter(modules=BANK.decode(own, table, bank, topk), source=source.given)
-    total, errors, _ = measure(adapter, stored)
-    vb_view = Adapter(
+def encode_held(source: Source, holding: Holding, added_by: str, floor: str) -> Encoded:
+    """The entry, tensors and table of ``source`` held as ``holding`` (errors measured on exactly what is stored)."""
+    adapter, chosen = source.adapter, holding.chosen
+    peft_view = Adapter(
         modules={},
         source_format=adapter.source_format,
         target_modules=adapter.target_modules,
@@ -129,54 +125,88 @@ def encode_stored(
         source_sha256=source.sha256,
         source_format=adapter.source_format,
         base_model=adapter.base_model,
-        rank=rank,
-        modules=len(codes),
-        rel_error=total,
-        codes_bytes=BANK.stored_bytes(own),
+        rank=chosen.rank,
+        modules=len(adapter.modules),
+        rel_error=chosen.rel_error,
+        codes_bytes=sum(t.numel() * t.element_size() for t in holding.tensors.values()),
         carried_bytes=adapter.carried_bytes(),
         source_fp16_bytes=adapter.fp16_bytes(),
         added_by=added_by,
-        calibrated=calibrated,
+        calibrated=holding.calibrated,
         hub_source=source.hub_source,
+        codec=holding.codec,
+        bits=chosen.bits,
+        source_rank=source.rank_cap,
+        retention=chosen.retention,
+        floor=floor,
+        tried=[asdict(t) for t in holding.tried],
     )
-    table.update(
-        base_model=adapter.base_model,
-        task_type=adapter.task_type,
-        modules_to_save=adapter.modules_to_save,
-        target_modules=target_modules_for(vb_view, list(adapter.modules)),
-        module_errors={n: asdict(e) for n, e in errors.items()},
-    )
-    return Encoded(entry=entry, tensors={**own, **adapter.carried}, table=table)
+    table = {
+        "name": source.name,
+        **holding.table,
+        "base_model": adapter.base_model,
+        "task_type": adapter.task_type,
+        "modules_to_save": adapter.modules_to_save,
+        "target_modules": target_modules_for(peft_view, list(adapter.modules)),
+        "module_errors": holding.errors,
+    }
+    return Encoded(entry=entry, tensors={**holding.tensors, **adapter.carried}, table=table)
 
 
 def write_encoded(root: Path, enc: Encoded, manifest: Manifest) -> Entry:
     return write_adapter(root, enc.entry, enc.tensors, enc.table, manifest)
 
 
-def encode_one(
-    source: Source, fit: FitSettings, bank: torch.Tensor, progress: Progress | None = None, calibrate_with: tuple | None = None
+@dataclass
+class Judging:
+    """What scores a source against the floor: the quality settings and, with a base model, the model, the
+    calibration text (a file, or None for data-free) and the calibration settings."""
+
+    quality: QualitySettings
+    model: Base | None = None
+    texts: str | os.PathLike | None = None
+    calibration: CalibrationSettings | None = None
+
+
+def hold(
+    source: Source,
+    codes: dict[str, VBCode] | None,
+    bank: torch.Tensor | None,
+    fit: FitSettings,
+    judging: Judging,
+    added_by: str,
+    progress: Progress | None = None,
 ) -> Encoded:
-    """Codes for ``source`` against the frozen ``bank`` (weight fit, then calibration on a base model when
-    ``calibrate_with`` = (base, texts, settings) is given)."""
-    run = fit_settings_for([source.adapter], replace(fit, rank=min(fit.rank or source.rank_cap, source.rank_cap)))
-    factors = {m: mod.folded() for m, mod in source.adapter.modules.items()}
-    codes = run_fit(factors, run, progress, bank=bank).codes
-    if calibrate_with is not None:
-        model, texts, settings = calibrate_with
+    """``source`` held the cheapest way that meets the floor: bank ``codes`` (full rank, sliced and, with a
+    base model, calibrated against the frozen bank) or low-rank factors; see :mod:`.hold`."""
+    probe, calibrate_codes = None, None
+    if judging.model is not None:
+        model, settings = judging.model, judging.calibration or CalibrationSettings()
         model.check(source.adapter)
-        inputs, _ = calibration_texts(model, texts, settings, run.seed, teacher=source.adapter.delta_weights())
-        vb, _ = calibrate(
-            source.adapter,
-            VectorBank(bank=bank, topk=run.topk, codes=codes),
-            model,
-            inputs,
-            settings,
-            seed=run.seed,
-            progress=progress,
-            freeze_bank=True,
-        )
-        codes = vb.codes
-    return encode_stored(source, bank, codes, run.topk, "add", calibrate_with is not None)
+        teacher = source.adapter.delta_weights()
+        inputs, _ = calibration_texts(model, judging.texts, settings, fit.seed, teacher=teacher)
+        held, _ = heldout_split(inputs, settings, torch.Generator().manual_seed(fit.seed))
+        probe = Probe(model, held, teacher, settings.max_length)
+
+        def calibrate_codes(trial: dict[str, VBCode]) -> dict[str, VBCode]:
+            vb = VectorBank(bank=bank, topk=fit.topk, codes=trial)
+            return calibrate(source.adapter, vb, model, inputs, settings, seed=fit.seed, progress=progress, freeze_bank=True)[0].codes
+
+    judge = Judge(source.adapter, judging.quality, probe)
+    offer = (bank, fit.topk, codes) if codes is not None else None
+    holding = choose(source.name, source.adapter, judge, judging.quality, offer, calibrate_codes)
+    return encode_held(source, holding, added_by, judge.describe())
+
+
+def encode_one(source: Source, fit: FitSettings, bank: torch.Tensor, judging: Judging, progress: Progress | None = None) -> Encoded:
+    """``source`` added to a collection with the frozen ``bank``: codes fitted at its full rank (capped by the
+    collection's), then held the cheapest way that meets the floor."""
+    run = fit_settings_for([source.adapter], replace(fit, rank=min(fit.rank or source.rank_cap, source.rank_cap)))
+    codes = None
+    if judging.quality.hold != "lowrank":
+        factors = {m: mod.folded() for m, mod in source.adapter.modules.items()}
+        codes = run_fit(factors, run, progress, bank=bank).codes
+    return hold(source, codes, bank, run, judging, "add", progress)
 
 
 def pack(
@@ -186,6 +216,10 @@ def pack(
     *,
     output: OutputSettings | None = None,
     names: list[str] | None = None,
+    quality: QualitySettings | None = None,
+    base: str | os.PathLike | None = None,
+    calibration: CalibrationSettings | None = None,
+    texts: str | os.PathLike | None = None,
     allow_mixed_bases: bool = False,
     format: str | None = None,
     overwrite: bool = False,
@@ -195,10 +229,16 @@ def pack(
     """Fit one bank jointly to every source and write a collection to ``out``; returns its summary.
 
     Each adapter weighs equally in the objective (its squared ΔW error over its own ‖ΔW‖², so a large adapter
-    cannot swallow the bank). Sources are any readable adapters, local or Hub ids, of one base.
+    cannot swallow the bank). Sources are any readable adapters, local or Hub ids, of one base. Each is then
+    held the cheapest way that meets ``quality``'s floor (bank codes of its top directions, or low-rank
+    factors); with ``base``, the floor is retention on held-out text and bank codes are calibrated on it.
+    A source that nothing meets fails the pack, before anything is written.
     """
-    fit, output = fit or FitSettings(), output or OutputSettings()
+    fit, output, quality = fit or FitSettings(), output or OutputSettings(), quality or QualitySettings()
     output.check()
+    quality.check(base is not None)
+    if texts is not None and base is None:
+        raise SettingError("texts", "calibration text ({setting}) needs a base model", where=texts)
     if not sources:
         raise SettingError("sources", "name at least one source adapter")
     if names is not None and len(names) != len(sources):
@@ -208,30 +248,47 @@ def pack(
     if dupes:
         raise SettingError("names", f"two sources would both be named {dupes[0]!r}: name them (names=...)")
     check_sources_fit(loaded, None, {}, allow_mixed_bases)
-    with claim_output(out, overwrite, inputs=tuple(s.path for s in loaded)) as target:  # before the fit
-        return _pack(loaded, target, fit, output, progress)
+    base_path = resolve(base, "base", token=token).path if base is not None else None
+    with claim_output(out, overwrite, inputs=tuple(s.path for s in loaded) + (base_path, texts)) as target:  # before the fit
+        judging = Judging(quality, None, texts, calibration)
+        if base_path is not None:
+            (calibration or CalibrationSettings()).check()
+            judging.model = Base(base_path, loaded[0].adapter, device=resolve_device(fit.device))
+        return _pack(loaded, target, fit, output, judging, progress)
 
 
-def _pack(loaded: list[Source], target, fit: FitSettings, output: OutputSettings, progress) -> CollectionSummary:
+def joint_fit(
+    adapters: list[Adapter], fit: FitSettings, bank_dtype: str = "float32", progress: Progress | None = None
+) -> tuple[torch.Tensor, list[dict[str, VBCode]], FitSettings]:
+    """One bank fitted to every module of every adapter, each adapter weighing the same (its squared ΔW error
+    over its own ‖ΔW‖²): (bank ``[N, L]`` as stored, each adapter's full-rank codes, the settings as run)."""
     cap = fit.rank  # the user's cap: each adapter keeps min(cap, its own rank), now and when added later
-    fit = fit_settings_for([s.adapter for s in loaded], fit)
+    run = fit_settings_for(adapters, fit)
     factors, ranks, scales = {}, {}, {}
-    for i, s in enumerate(loaded):
-        energy = adapter_energy(s.adapter)
-        for mname, m in s.adapter.modules.items():
+    for i, adapter in enumerate(adapters):
+        energy, top = adapter_energy(adapter), max(adapter.ranks)
+        for mname, m in adapter.modules.items():
             key = f"{i}:{mname}"
             factors[key] = m.folded()
-            ranks[key] = min(cap or s.rank_cap, s.rank_cap)
+            ranks[key] = min(cap or top, top)
             scales[key] = 1.0 / energy if energy > 0 else 1.0
-    result = run_fit(factors, fit, progress, ranks=ranks, scales=scales)
-    bank = result.bank.to(getattr(torch, output.bank_dtype))
+    result = run_fit(factors, run, progress, ranks=ranks, scales=scales)
+    codes = [{mname: result.codes[f"{i}:{mname}"] for mname in adapter.modules} for i, adapter in enumerate(adapters)]
+    return result.bank.to(getattr(torch, bank_dtype)), codes, run
+
+
+def _pack(loaded: list[Source], target, fit: FitSettings, output: OutputSettings, judging: Judging, progress) -> CollectionSummary:
+    cap = fit.rank
+    bank, codes, fit = joint_fit([s.adapter for s in loaded], fit, output.bank_dtype, progress)
     settings = {**asdict(replace(fit, rank=cap)), "bank_dtype": output.bank_dtype}
+    # every source held (or refused) before anything is written
+    encoded = [hold(s, c, bank.float(), fit, judging, "pack", progress) for s, c in zip(loaded, codes)]
     with target.write() as tmp:
         save_tensors({"bank": bank.contiguous()}, tmp / BANK_FILE)
         base_model = next((s.adapter.base_model for s in loaded if s.adapter.base_model), None)
         manifest = Manifest(settings=settings, bank_sha256=sha256_of(tmp / BANK_FILE), base_model=base_model)
-        for i, s in enumerate(loaded):
-            codes = {mname: result.codes[f"{i}:{mname}"] for mname in s.adapter.modules}
-            write_encoded(tmp, encode_stored(s, bank.float(), codes, fit.topk, "pack"), manifest)
+        for enc in encoded:
+            write_encoded(tmp, enc, manifest)
         write_manifest(tmp, manifest)
+        settle(tmp, manifest.adapters)
     return Store(target.out).summary()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..dense import truncate
@@ -26,6 +26,7 @@ class UnpackReport:
     paths: list[Path]
     dense: bool
     to: str | None = None
+    written_as: list[str] = field(default_factory=list)  # per name: "VB-LoRA", or "dense LoRA" (asked for, or how it is held)
 
     def to_json(self) -> dict:
         return {**asdict(self), "paths": [str(p) for p in self.paths]}
@@ -47,7 +48,9 @@ class Collection(Store):
     ) -> UnpackReport:
         """Write each named adapter as a PEFT VB-LoRA adapter (or, ``dense``, a dense LoRA at ``rank`` by the
         rules of ``vb2lora``, written as ``to``: default the source's own family, see
-        :func:`~vbcompress.formats.write_dense`). One name: ``out`` is the adapter; several: ``out/NAME`` each."""
+        :func:`~vbcompress.formats.write_dense`). One name: ``out`` is the adapter; several: ``out/NAME`` each.
+        An adapter the collection holds as low-rank factors is always written as a dense PEFT LoRA (the
+        report's ``written_as`` says so)."""
         if not names:
             raise SettingError("names", "name at least one adapter to unpack", where=self.path)
         for name in names:
@@ -56,11 +59,16 @@ class Collection(Store):
             if value is not None and not dense:
                 raise SettingError(setting, "{setting} applies to a dense unpack only")
         check_dense_format(to)
-        written = []
+        written, written_as = [], []
         with atomic_output_dir(out, overwrite=overwrite, inputs=(self.path,)) as tmp:
             for name in names:
                 target = tmp if len(names) == 1 else tmp / name
-                if dense:
+                as_codes = not dense and self.entry(name).codec == "bank"
+                written_as.append("VB-LoRA" if as_codes else "dense LoRA")
+                if not dense and not as_codes:
+                    adapter = self.adapter(name)  # low-rank factors: a LoRA at the ranks it is held at
+                    write_dense(replace(adapter, source_format="peft"), target, "peft", name=name)
+                elif dense:
                     adapter, settings = self.adapter(name), rank_settings or RankSettings()
                     lora, _ = truncate(adapter, rank, settings)
                     fmt = to or family_of(self.entry(name).source_format)
@@ -73,7 +81,7 @@ class Collection(Store):
                 written.append(Path(out) if len(names) == 1 else Path(out) / name)
             if len(names) > 1:  # marks the folder as ours (for overwrite) and says what it holds
                 write_json(tmp / REPORT_FILE, {"collection": str(self.path), "unpacked": names, "dense": dense})
-        return UnpackReport(collection=str(self.path), names=list(names), paths=written, dense=dense, to=to)
+        return UnpackReport(collection=str(self.path), names=list(names), paths=written, dense=dense, to=to, written_as=written_as)
 
     def load_peft(self, model, names: list[str]):
         """Load the named adapters into one PEFT model (switch with ``set_adapter``), holding the bank
@@ -82,6 +90,14 @@ class Collection(Store):
 
         if not names:
             raise SettingError("names", "name at least one adapter to load", where=self.path)
+        factors = [n for n in names if self.entry(n).codec != "bank"]
+        if factors:
+            raise SettingError(
+                "names",
+                f"{', '.join(factors)} held as low-rank factors, not bank codes: PEFT loads them as LoRA adapters "
+                "(unpack them and use PeftModel.from_pretrained / load_adapter)",
+                where=self.path,
+            )
         with tempfile.TemporaryDirectory() as tmp:
             paths = self.unpack(names, Path(tmp) / "u").paths
             peft_model = None

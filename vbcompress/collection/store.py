@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -35,12 +34,15 @@ from ..adapter import Adapter
 from ..codec.bank import BANK
 from ..codec.base import Codec
 from ..codec.layout import VectorBank
-from ..codec.registry import codec_named
+from ..codec.lowrank import BITS
+from ..codec.registry import CODECS, codec_named
 from ..errors import FormatError, OutputError, SettingError, listed
-from ..files import MANIFEST_FILE, read_json, replace_json, save_tensors, write_json
-from ..output import exclusive_lock
+from ..files import COLLECTION_LOCK, MANIFEST_FILE, read_json, replace_json, save_tensors, write_json
+from ..files import check_safetensors as check_tensor_file
+from ..output import default_permissions, exclusive_lock
 from ..settings import FitSettings
 from ..version import __version__
+from .schema import HEX64, NAME, Fields, check_name, check_settings, check_table, entry_fields
 
 FORMAT = "vbcompress-collection"
 FORMAT_VERSION = 1
@@ -49,18 +51,10 @@ BANK_FILE = "bank.safetensors"
 ADAPTERS = "adapters"
 CODES_FILE = "codes.safetensors"
 ADAPTER_FILE = "adapter.json"
-LOCK_FILE = ".lock"
+LOCK_FILE = COLLECTION_LOCK
 TMP_PREFIX = ".tmp-"
 FAILURES_FILE = "failures.json"
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def check_name(name: str) -> str:
-    """``name`` if it can name an adapter folder: 1–128 letters, digits, '.', '_' or '-', starting with a
-    letter or digit (so no separators, no '..', no control characters)."""
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise SettingError("name", f"adapter name {name!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
-    return name
+JOURNAL_PREFIX = TMP_PREFIX + "pending-"  # + NAME: an adapter folder being added or removed, until the manifest says so
 
 
 def sha256_of(path: Path) -> str:
@@ -89,10 +83,25 @@ class Entry:
     added_by: str  # "pack" or "add"
     calibrated: bool = False
     hub_source: dict | None = None
+    codec: str = "bank"  # how it is held: "bank" codes, or "lowrank" factors at `bits`
+    bits: int | None = None
+    source_rank: int | None = None  # the source's rank; `rank` is what was kept (top directions)
+    retention: float | None = None  # held-out KL retention (causal LMs) or effect retention (encoders), with a base
+    floor: str | None = None  # what it was held to, e.g. "ΔW error ≤ 0.5"
+    tried: list = field(default_factory=list)  # the representations tried: codec, rank, bits, bytes, what each kept
+    codes_sha256: str | None = None  # of codes.safetensors and adapter.json as written: checked on every read
+    table_sha256: str | None = None
 
     @property
     def marginal_bytes(self) -> int:
         return self.codes_bytes + self.carried_bytes
+
+    @property
+    def held_as(self) -> str:
+        """``bank codes r=2`` / ``int4 factors r=1``: how the collection holds it, in words."""
+        if self.codec == "bank":
+            return f"bank codes r={self.rank}"
+        return f"{'fp16' if self.bits == 16 else f'int{self.bits}'} factors r={self.rank}"
 
 
 @dataclass
@@ -120,23 +129,28 @@ class Manifest:
         data = read_json(path)
         if data.get("format") != FORMAT:
             raise FormatError(path, f"not a vbcompress collection manifest (format {data.get('format')!r})")
-        if not isinstance(data.get("format_version"), int) or data["format_version"] > FORMAT_VERSION:
+        if (
+            not isinstance(data.get("format_version"), int)
+            or isinstance(data["format_version"], bool)
+            or data["format_version"] > FORMAT_VERSION
+        ):
             raise FormatError(
                 path, f"collection format version {data.get('format_version')!r} is newer than this vbcompress reads ({FORMAT_VERSION})"
             )
-        try:
-            known = {f.name for f in fields(Entry)}
-            adapters = {name: Entry(**{k: v for k, v in e.items() if k in known}) for name, e in data["adapters"].items()}
-            return cls(
-                settings=dict(data["settings"]),
-                bank_sha256=str(data["bank_sha256"]),
-                adapters=adapters,
-                base_model=data.get("base_model"),
-                format_version=data["format_version"],
-                vbcompress_version=str(data.get("vbcompress_version")),
-            )
-        except (KeyError, TypeError, AttributeError) as e:
-            raise FormatError(path, f"broken collection manifest ({e.__class__.__name__}: {e})") from None
+        f = Fields(data, path, "manifest")
+        adapters = {}
+        for name, raw in f.obj("adapters").items():
+            if not isinstance(name, str) or not NAME.fullmatch(name):
+                raise FormatError(path, f"manifest names an adapter {name!r}: not a valid adapter name")
+            adapters[name] = Entry(**entry_fields(name, raw, path, CODECS, BITS))
+        return cls(
+            settings=check_settings(f.obj("settings"), path),
+            bank_sha256=f.str("bank_sha256", pattern=HEX64),
+            adapters=adapters,
+            base_model=f.str("base_model", optional=True),
+            format_version=data["format_version"],
+            vbcompress_version=str(data.get("vbcompress_version")),
+        )
 
     def fit(self) -> FitSettings:
         known = {f.name for f in fields(FitSettings)}
@@ -156,6 +170,7 @@ class CollectionSummary:
     disk_bytes: int
     sources_fp16_bytes: int
     entries: dict[str, Entry]
+    unlisted: list[str] = field(default_factory=list)  # folders under adapters/ the manifest does not name
 
     @property
     def ratio_vs_sources_fp16(self) -> float | None:
@@ -200,11 +215,22 @@ class Store:
     def bank(self) -> torch.Tensor:
         """The shared bank ``[N, L]``, checked against the manifest's hash."""
         if self._bank is None:
-            path = self.path / BANK_FILE
+            path = self.inside(self.path / BANK_FILE)
             if not path.is_file() or sha256_of(path) != self.manifest.bank_sha256:
                 raise FormatError(path, "missing, or not the bank this collection's codes were fitted to (hash differs)")
+            check_tensor_file(path)
             with safe_open(str(path), "pt") as f:
-                self._bank = f.get_tensor("bank")
+                if list(f.keys()) != ["bank"]:
+                    raise FormatError(path, "a bank file holds one tensor, 'bank'")
+                bank = f.get_tensor("bank")
+            st = self.manifest.settings
+            if bank.dtype not in (torch.float32, torch.float16) or list(bank.shape) != [st["num_vectors"], st["vector_length"]]:
+                raise FormatError(
+                    path, f"bank is {bank.dtype} {list(bank.shape)}, the manifest says [{st['num_vectors']}, {st['vector_length']}]"
+                )
+            if not torch.isfinite(bank).all():
+                raise FormatError(path, "bank holds NaN or Inf")
+            self._bank = bank
         return self._bank
 
     @property
@@ -219,16 +245,37 @@ class Store:
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.name != LOCK_FILE)
 
+    def inside(self, path: Path) -> Path:
+        """``path``, proven to lie inside the collection once every symbolic link is followed."""
+        root = os.path.realpath(self.path)
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            raise FormatError(path, "leads outside the collection (a symbolic link?): refused")
+        return path
+
     def files(self, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Adapter ``name``'s table (``adapter.json``) and every tensor of its codes file, as stored."""
-        folder = self.path / ADAPTERS / self.entry(name).name
-        meta = read_json(folder / ADAPTER_FILE)
+        """Adapter ``name``'s table (``adapter.json``) and every tensor of its codes file, as stored, checked
+        against the hashes the manifest holds for them."""
+        entry = self.entry(name)
+        folder = self.inside(self.path / ADAPTERS / entry.name)
+        table_path, codes_path = self.inside(folder / ADAPTER_FILE), self.inside(folder / CODES_FILE)
+        for path, digest in ((table_path, entry.table_sha256), (codes_path, entry.codes_sha256)):
+            if digest is not None and (not path.is_file() or sha256_of(path) != digest):
+                raise FormatError(path, "missing, or not the file this collection wrote (hash differs)")
+        meta = check_table(read_json(table_path), table_path, entry.codec, entry.name)
+        check_tensor_file(codes_path)
         try:
-            with safe_open(str(folder / CODES_FILE), "pt") as f:
+            with safe_open(str(codes_path), "pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
-            raise FormatError(folder / CODES_FILE, f"cannot read the adapter's codes ({e.__class__.__name__})") from None
+            raise FormatError(codes_path, f"cannot read the adapter's codes ({e.__class__.__name__})") from None
         return meta, tensors
+
+    def unlisted(self) -> list[str]:
+        """Folders under ``adapters/`` that the manifest does not name: never touched, only reported."""
+        folder = self.path / ADAPTERS
+        if not folder.is_dir() or folder.is_symlink():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.name not in self.manifest.adapters)
 
     def held(self, name: str) -> tuple[dict, Codec, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(table, codec, the codec's tensors, carried tensors) of adapter ``name``, checked, nothing decoded."""
@@ -236,7 +283,7 @@ class Store:
         folder = self.path / ADAPTERS / name
         codec = codec_named(meta.get("codec", BANK.name), folder / ADAPTER_FILE)
         codec.check(tensors, meta, folder / CODES_FILE, tuple(self.bank.shape), self.topk)
-        own = {k: tensors.pop(k) for k in codec.tensor_names()}
+        own = {k: tensors.pop(k) for k in list(tensors) if codec.owns(k)}
         return meta, codec, own, tensors
 
     def codes(self, name: str) -> tuple[dict, VectorBank, dict[str, torch.Tensor]]:
@@ -255,7 +302,7 @@ class Store:
         return Adapter(
             modules=modules,
             carried=carried,
-            source_format="vblora",
+            source_format="vblora" if vb is not None else "peft",
             base_model=meta.get("base_model"),
             task_type=meta.get("task_type"),
             target_modules=meta.get("target_modules"),
@@ -276,6 +323,7 @@ class Store:
             disk_bytes=self.disk_bytes(),
             sources_fp16_bytes=sum(e.source_fp16_bytes for e in self.entries.values()),
             entries=dict(self.entries),
+            unlisted=self.unlisted(),
         )
 
 
@@ -299,12 +347,29 @@ def locked(root: Path) -> Iterator[None]:
 
 
 def clean_debris(root: Path, manifest: Manifest) -> list[str]:
-    """Remove what a killed writer left: temp files and adapter folders the manifest does not name."""
+    """Remove what a killed writer left: its temp files and, where its journal says so, the adapter folder it
+    was adding (not in the manifest) or removing. Symbolic links are unlinked, never followed; folders the
+    manifest does not name and no journal claims are left alone (:meth:`Store.unlisted` reports them)."""
     removed = []
-    for p in list(root.glob(TMP_PREFIX + "*")) + [d for d in (root / ADAPTERS).glob("*") if d.name not in manifest.adapters]:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-        removed.append(p.name)
+    for p in sorted(root.glob(TMP_PREFIX + "*")):
+        if p.name.startswith(JOURNAL_PREFIX):
+            name = p.name[len(JOURNAL_PREFIX) :]
+            folder = root / ADAPTERS / name
+            if NAME.fullmatch(name) and name not in manifest.adapters and not (root / ADAPTERS).is_symlink():
+                removed += discard(folder)
+        removed += discard(p)
     return removed
+
+
+def discard(path: Path) -> list[str]:
+    """Delete ``path`` without following a symbolic link out of where it stands."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+    else:
+        return []
+    return [path.name]
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
@@ -312,27 +377,67 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
     replace_json(root / MANIFEST, manifest.to_json(), sort_keys=False, prefix=TMP_PREFIX + "manifest-")
 
 
+def adapters_folder(root: Path) -> Path:
+    """``root/adapters``, created if missing; a symbolic link there is refused (writes would land elsewhere)."""
+    folder = root / ADAPTERS
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise FormatError(folder, "is not a folder of the collection (a symbolic link or a file): refused")
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def journal(root: Path, name: str) -> Path:
+    """Mark adapter folder ``name`` as in flux until the manifest is replaced (see :func:`clean_debris`)."""
+    path = root / (JOURNAL_PREFIX + name)
+    path.touch()
+    return path
+
+
 def write_adapter(root: Path, entry: Entry, tensors: dict[str, torch.Tensor], table: dict, manifest: Manifest) -> Entry:
-    """Write one adapter's folder (staged, then renamed into place) and register ``entry`` in ``manifest``;
-    the caller replaces the manifest file afterwards."""
+    """Write one adapter's folder (staged, then renamed into place, journalled) and register ``entry`` with the
+    files' hashes in ``manifest``; the caller replaces the manifest file and then calls :func:`settle`."""
     name = check_name(entry.name)
+    target = adapters_folder(root) / name
+    if target.exists() or target.is_symlink():
+        raise OutputError(target, "exists but is not part of the collection: move it away, or choose another name")
     staging = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "adapter-", dir=root))
     try:
         (staging / name).mkdir()
         save_tensors(tensors, staging / name / CODES_FILE)
         write_json(staging / name / ADAPTER_FILE, table)
-        (root / ADAPTERS).mkdir(exist_ok=True)
-        os.replace(staging / name, root / ADAPTERS / name)
+        default_permissions(staging / name)
+        entry.codes_sha256 = sha256_of(staging / name / CODES_FILE)
+        entry.table_sha256 = sha256_of(staging / name / ADAPTER_FILE)
+        journal(root, name)
+        os.replace(staging / name, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     manifest.adapters[name] = entry
     return entry
 
 
-def read_failures(root: Path) -> dict:
-    """The collection's failures log: source → {name, error, attempts}; sources that later landed are gone."""
+def settle(root: Path, names) -> None:
+    """The manifest now says what became of ``names``: their journals go."""
+    for name in names:
+        (root / (JOURNAL_PREFIX + name)).unlink(missing_ok=True)
+
+
+def read_failures(root: Path) -> tuple[dict, str | None]:
+    """The collection's failures log (source → {name, error, attempts}; sources that later landed are gone)
+    and a note when a malformed log had to be set aside (renamed, never deleted) to start a new one."""
     path = root / FAILURES_FILE
-    return read_json(path) if path.is_file() else {}
+    if not path.exists() and not path.is_symlink():
+        return {}, None
+    try:
+        data = read_json(path)
+        if all(isinstance(v, dict) and isinstance(v.get("attempts", 0), int) for v in data.values()):
+            return data, None
+        problem = "entries are not {name, error, attempts}"
+    except FormatError as e:
+        problem = e.problem
+    aside = root / f"{FAILURES_FILE}.unreadable"
+    os.replace(path, aside)
+    return {}, f"{path}: {problem}; set aside as {aside.name}, a new log started"
 
 
 def write_failures(root: Path, failures: dict) -> None:

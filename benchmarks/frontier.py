@@ -1,0 +1,257 @@
+"""Bytes per adapter against what it keeps (KL retention on held-out text), on a real family of one base.
+
+For each adapter of the Gemma 3 270M family in ../shared/adapters, measured on the Gemma base on held-out lines
+(examples/text/heldout.txt, never used for calibration):
+
+- **SVD truncation** at 16/8/4/3/2 bits, every global rank on the bytes-vs-ΔW-error Pareto front (the
+  low-rank codec a collection falls back on: bytes are the stored tensors);
+- **collection, weight-only codes**: one bank fitted jointly to the whole family (N, L below), each adapter's
+  codes sliced to its top r' directions, r' = 1 … r (marginal bytes = its codes; "+bank" adds bank / family size);
+- **collection, calibrated codes** (``--calibrate``): those codes trained on the base against the frozen bank
+  (top-K KL on examples/text/calibration.txt) at the ranks of ``--calib-ranks``;
+- **lorashare** (``--lorashare``, the `bench` extra): the SHARE method (a shared PCA basis per layer and side,
+  per-adapter loadings) at k = 1, 2, 4, on the subsets it accepts (one rank, one base name, one target set);
+  bytes at fp16: loadings per adapter, plus the basis / subset size.
+
+Then, at 1, 2, 3, 5, 10 and 20 % of each adapter's fp16 bytes, the mean over the trained adapters of the best
+retention each method reaches within that budget, and a plot (``--plot``, matplotlib from the `bench` extra).
+
+    python benchmarks/frontier.py --calibrate gemma3-270m-ner-r8 --lorashare --plot docs/frontier.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vbcompress import FitSettings, load_adapter  # noqa: E402
+from vbcompress.bank.calibrate import calibrate  # noqa: E402
+from vbcompress.basemodel import Base, read_texts  # noqa: E402
+from vbcompress.codec.bank import BANK  # noqa: E402
+from vbcompress.codec.layout import VectorBank  # noqa: E402
+from vbcompress.codec.lowrank import LOWRANK  # noqa: E402
+from vbcompress.collection.encode import joint_fit  # noqa: E402
+from vbcompress.collection.hold import hold_bank, hold_lowrank, lowrank_front, sliced  # noqa: E402
+from vbcompress.retention import Probe  # noqa: E402
+from vbcompress.settings import CalibrationSettings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VBCOMPRESS_SHARED", ROOT.parent / "shared"))
+GEMMA = Path(os.environ.get("VBCOMPRESS_GEMMA", Path.home() / ".cache" / "vbcompress" / "gemma3-270m"))
+FAMILY = [
+    "gemma3-270m-attn-r4",
+    "gemma3-270m-attn-r4-curriculum_stage1",
+    "gemma3-270m-attn-r4-seed123",
+    "gemma3-270m-ner-r8",
+    "gemma3-270m-ner-r16",
+    "gemma3-270m-ner-quality-r16",
+    "gemma3-270m-it-svg-r8-qv",
+    "gemma3-270m-svg-r16-qv",
+    "gemma3-270m-it-svg-untrained",
+]
+BUDGETS = (0.01, 0.02, 0.03, 0.05, 0.10, 0.20)
+LORASHARE_SUBSETS = (FAMILY[:3], ["gemma3-270m-ner-r16", "gemma3-270m-ner-quality-r16"])
+
+
+def lorashare_rows(adapters: dict, probes: dict, ks: tuple[int, ...]) -> list[dict]:
+    from lorashare import SHAREModel
+    from lorashare.compression import reconstruct_adapter_weights
+
+    rows = []
+    for subset in LORASHARE_SUBSETS:
+        paths = {n: str(SHARED / "adapters" / n) for n in subset if n in adapters}
+        if len(paths) < 2:
+            continue
+        for k in ks:
+            try:
+                share = SHAREModel.from_adapters(paths, num_components=k)
+            except ValueError as e:  # lorashare's own refusal, e.g. ranks or targets differ
+                print(f"lorashare k={k} on {list(paths)}: {e}", flush=True)
+                continue
+            basis = 2 * sum(t.numel() for t in share.components.values())
+            for name in paths:
+                loadings = share.all_loadings[name]
+                weights = reconstruct_adapter_weights(share.components, loadings)
+                source = adapters[name]
+                deltas = {}
+                for mname, m in source.modules.items():
+                    a = weights[f"base_model.model.{mname}.lora_A.weight"].float()
+                    b = weights[f"base_model.model.{mname}.lora_B.weight"].float()
+                    deltas[mname] = m.scale * (b @ a)
+                marginal = 2 * sum(t.numel() for t in loadings.values())
+                r = probes[name].measure(deltas)
+                rows.append(row(name, f"lorashare k={k}", marginal, basis / len(paths), source, r.headline, None))
+    return rows
+
+
+def row(name, method, marginal, shared, source, kept, rel_error, seconds=None) -> dict:
+    fp16 = source.fp16_bytes()
+    return {
+        "adapter": name,
+        "method": method,
+        "marginal_bytes": int(marginal),
+        "shared_bytes": float(shared),
+        "marginal_ratio": marginal / fp16,
+        "amortized_ratio": (marginal + shared) / fp16,
+        "retention": kept,
+        "rel_error": rel_error,
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", nargs="*", default=FAMILY)
+    ap.add_argument("--num-vectors", "-N", type=int, default=256)
+    ap.add_argument("--vector-length", "-L", type=int, default=128)
+    ap.add_argument("--heldout", type=int, default=48, help="held-out lines of examples/text/heldout.txt")
+    ap.add_argument("--max-ratio", type=float, default=0.25, help="SVD rows up to this share of fp16 bytes")
+    ap.add_argument("--calibrate", nargs="*", default=[], help="adapters whose bank codes are also calibrated")
+    ap.add_argument("--calib-ranks", default="1,2")
+    ap.add_argument("--calib-steps", type=int, default=100)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--lorashare", action="store_true")
+    ap.add_argument("--json", default=None, help="write every row here")
+    ap.add_argument("--plot", default=None, help="save the frontier plot (PNG) here")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    adapters = {n: load_adapter(SHARED / "adapters" / n) for n in args.adapters}
+    base = Base(GEMMA, next(iter(adapters.values())), device=args.device)
+    held = read_texts(ROOT / "examples" / "text" / "heldout.txt")[: args.heldout]
+    calib_texts = read_texts(ROOT / "examples" / "text" / "calibration.txt")
+    probes = {n: Probe(base, held, a.delta_weights(), 64) for n, a in adapters.items()}
+    rows = []
+
+    start = time.perf_counter()
+    fit = FitSettings(num_vectors=args.num_vectors, vector_length=args.vector_length, device=args.device)
+    bank, codes, run = joint_fit(list(adapters.values()), fit)
+    bank = bank.float()
+    print(f"joint fit of {len(adapters)} adapters: {time.perf_counter() - start:.0f} s", flush=True)
+    shared = bank.numel() * 4 / len(adapters)  # float32 bank, amortized over the family
+
+    for (name, source), full in zip(adapters.items(), codes):
+        probe = probes[name]
+        if probe.measure({}).headline is None:  # an adapter without effect: nothing to retain
+            print(f"{name}: no effect on the base (ΔW = 0); retention undefined, skipped", flush=True)
+            continue
+        for t in lowrank_front(source):
+            if t.bytes > args.max_ratio * source.fp16_bytes():
+                break
+            tensors, table = hold_lowrank(source, t.rank, t.bits)
+            modules = LOWRANK.decode(tensors, table, None, 0)
+            kept = probe.measure({n: m.delta_weight() for n, m in modules.items()}).headline
+            label = f"SVD {'fp16' if t.bits == 16 else f'int{t.bits}'} r={t.rank}"
+            rows.append(row(name, label, LOWRANK.stored_bytes(tensors), 0, source, kept, t.rel_error))
+        top = next(iter(full.values())).rank
+        for r in range(1, top + 1):
+            tensors, table = hold_bank(source, sliced(full, r), bank, run.topk)
+            modules = BANK.decode(tensors, table, bank, run.topk)
+            kept = probe.measure({n: m.delta_weight() for n, m in modules.items()}).headline
+            rows.append(row(name, f"bank codes r={r}", BANK.stored_bytes(tensors), shared, source, kept, None))
+        if name in args.calibrate:
+            settings = CalibrationSettings(steps=args.calib_steps, samples=args.calib_samples)
+            for r in (int(x) for x in args.calib_ranks.split(",")):
+                began = time.perf_counter()
+                vb = VectorBank(bank=bank, topk=run.topk, codes=sliced(full, r))
+                trained, _ = calibrate(source, vb, base, calib_texts, settings, seed=0, freeze_bank=True)
+                tensors, table = hold_bank(source, trained.codes, bank, run.topk)
+                modules = BANK.decode(tensors, table, bank, run.topk)
+                kept = probe.measure({n: m.delta_weight() for n, m in modules.items()}).headline
+                took = time.perf_counter() - began
+                rows.append(row(name, f"bank codes r={r} calibrated", BANK.stored_bytes(tensors), shared, source, kept, None, took))
+        best = max((x for x in rows if x["adapter"] == name), key=lambda x: x["retention"] or -1)
+        print(f"{name}: {sum(x['adapter'] == name for x in rows)} rows; best {best['method']} {best['retention']:.3f}", flush=True)
+
+    if args.lorashare:
+        rows += lorashare_rows(adapters, probes, (1, 2, 4))
+
+    print_tables(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def family_of(method: str) -> str:
+    if method.startswith("SVD"):
+        return "SVD int-N/fp16"
+    if method.startswith("lorashare"):
+        return "lorashare"
+    return "collection (calibrated codes)" if "calibrated" in method else "collection (weight-only codes)"
+
+
+def print_tables(rows: list[dict]) -> None:
+    print("\n| adapter | method | marginal bytes | % of fp16 (marginal) | % with shared part | retention |")
+    print("|---|---|---|---|---|---|")
+    for x in rows:
+        kept = "-" if x["retention"] is None else f"{x['retention']:.3f}"
+        print(
+            f"| {x['adapter']} | {x['method']} | {x['marginal_bytes']:,} | {x['marginal_ratio']:.2%} | "
+            f"{x['amortized_ratio']:.2%} | {kept} |"
+        )
+    families = sorted({family_of(x["method"]) for x in rows})
+    names = sorted({x["adapter"] for x in rows})
+    print("\nBest retention within a budget (marginal bytes, % of each adapter's fp16), mean over the adapters measured:")
+    print("| budget | " + " | ".join(families) + " |")
+    print("|---|" + "---|" * len(families))
+    for b in BUDGETS:
+        cells = []
+        for fam in families:
+            best = []
+            for n in names:
+                within = [x["retention"] for x in rows if x["adapter"] == n and family_of(x["method"]) == fam and x["marginal_ratio"] <= b]
+                within = [v for v in within if v is not None]
+                if any(x["adapter"] == n and family_of(x["method"]) == fam for x in rows):
+                    best.append(max(within) if within else 0.0)  # nothing fits: keeps nothing
+            cells.append(f"{sum(best) / len(best):.3f} (n={len(best)})" if best else "-")
+        print(f"| {b:.0%} | " + " | ".join(cells) + " |")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({x["adapter"] for x in rows})
+    cols = 3
+    fig, axes = plt.subplots((len(names) + cols - 1) // cols, cols, figsize=(5 * cols, 3.6 * ((len(names) + cols - 1) // cols)), squeeze=False)
+    styles = {
+        "SVD int-N/fp16": ("tab:gray", "o"),
+        "collection (weight-only codes)": ("tab:blue", "s"),
+        "collection (calibrated codes)": ("tab:red", "*"),
+        "lorashare": ("tab:green", "^"),
+    }
+    for ax, name in zip(axes.flat, names):
+        for fam, (color, marker) in styles.items():
+            pts = sorted((x["marginal_ratio"] * 100, x["retention"]) for x in rows if x["adapter"] == name and family_of(x["method"]) == fam and x["retention"] is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, color=color, label=fam, linestyle="-" if fam.startswith("SVD") else "none", markersize=6)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.1, 1.02)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("marginal bytes, % of the adapter at fp16 (log)")
+        ax.set_ylabel("KL retention (held-out)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()

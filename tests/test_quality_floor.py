@@ -1,0 +1,145 @@
+"""The quality floor of a collection: no adapter lands below it, each is held in the fewest bytes that meet
+it, and what the collection says about an adapter is what a loader gets back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from vbcompress import FitSettings, QualitySettings, load_adapter, write_peft_lora
+from vbcompress.baselines import truncation
+from vbcompress.cli import main
+from vbcompress.collection import Collection, add, pack
+from vbcompress.errors import SettingError
+from vbcompress.metrics import delta_errors
+
+from .conftest import ADAPTERS, MINILM_ADAPTER
+
+FAST = FitSettings(num_vectors=64, vector_length=128, iters=4, refine_steps=30, code_refine_steps=10)
+
+
+@pytest.fixture(scope="module")
+def stranger(tmp_path_factory):
+    """An adapter of the MiniLM base that shares nothing with the real one: random factors of the same shapes."""
+    root = tmp_path_factory.mktemp("stranger")
+    adapter = load_adapter(MINILM_ADAPTER)
+    gen = torch.Generator().manual_seed(7)
+    for m in adapter.modules.values():
+        m.A = torch.randn(m.A.shape, generator=gen) * m.A.std()
+        m.B = torch.randn(m.B.shape, generator=gen) * m.B.std()
+    write_peft_lora(adapter, root / "stranger")
+    return root / "stranger"
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    out = tmp_path_factory.mktemp("floor") / "c"
+    pack([MINILM_ADAPTER], out, FAST)
+    return out
+
+
+def copy_of(collection, tmp_path):
+    import shutil
+
+    shutil.copytree(collection, tmp_path / "c")  # tmp_path / "c" may not exist yet
+    return tmp_path / "c"
+
+
+def test_an_unlike_adapter_is_never_landed_below_the_floor(collection, stranger, tmp_path):
+    root = copy_of(collection, tmp_path)
+    (entry,) = add(root, [stranger], fit=FAST, quality=QualitySettings(max_error=0.3)).added
+    # what a user gets back, measured independently of what the manifest says
+    unpacked = Collection(root).unpack([entry.name], tmp_path / "u").paths[0]
+    measured = delta_errors(load_adapter(stranger), load_adapter(unpacked)).total_rel_error
+    assert measured <= 0.3 and entry.rel_error == pytest.approx(measured, abs=1e-4)
+    # the bank shares nothing with random factors: they are held as plain factors, and the entry says so
+    assert entry.codec == "lowrank" and any(t["codec"] == "bank" and not t["met"] for t in entry.tried)
+
+
+def test_the_default_floor_keeps_half_of_every_adapter(collection, stranger, tmp_path):
+    root = copy_of(collection, tmp_path)
+    (entry,) = add(root, [stranger], fit=FAST).added
+    assert entry.floor == "ΔW error ≤ 0.5" and entry.rel_error <= 0.5
+
+
+def test_the_floor_is_met_in_no_more_bytes_than_plain_truncation_needs(collection, tmp_path):
+    source = load_adapter(ADAPTERS / "minilm-l6-contract-r4")
+    root = copy_of(collection, tmp_path)
+    (entry,) = add(root, [ADAPTERS / "minilm-l6-contract-r4"], fit=FAST, quality=QualitySettings(max_error=0.25)).added
+    # an independent truncation at each bit width: the cheapest that meets 0.25 bounds what the collection pays
+    cheapest = min(
+        t.bytes
+        for bits in (16, 8, 4)
+        for budget in range(1, source.fp16_bytes() + 1, 512)
+        if (t := truncation(source.modules.values(), budget, bits)).rank and t.rel_error <= 0.25
+    )
+    assert entry.rel_error <= 0.25 and entry.codes_bytes <= cheapest * 1.06  # packing granularity and group padding
+
+
+def test_bank_only_refuses_what_the_bank_cannot_hold_and_leaves_the_collection(collection, stranger, tmp_path):
+    root = copy_of(collection, tmp_path)
+    manifest = (root / "collection.json").read_bytes()
+    with pytest.raises(SettingError, match=r"no representation within its own fp16 size keeps ΔW error ≤ 0.3.*closest, bank codes"):
+        add(root, [stranger], fit=FAST, quality=QualitySettings(max_error=0.3, hold="bank"))
+    assert (root / "collection.json").read_bytes() == manifest and not (root / "adapters" / "stranger").exists()
+
+
+def test_floor_settings_are_checked_before_any_work(collection, stranger):
+    for quality, match in (
+        (QualitySettings(max_error=0), r"max_error must be in \(0, 1\]"),
+        (QualitySettings(max_error=1.5), r"max_error must be in \(0, 1\]"),
+        (QualitySettings(min_kl_retention=0.9), "measured on a base model"),
+    ):
+        with pytest.raises(SettingError, match=match):
+            add(collection, [stranger], quality=quality)
+
+
+def test_cli_says_how_each_adapter_is_held_and_refuses_in_one_line(collection, stranger, tmp_path):
+    root = copy_of(collection, tmp_path)
+    result = CliRunner().invoke(main, ["add", str(root), str(stranger), "--max-error", "0.3", "--code-refine-steps", "5"])
+    assert result.exit_code == 0, result.output
+    assert "held as int" in result.stdout or "held as fp16" in result.stdout
+    assert "plain factors keep more here" in result.stdout
+    info = json.loads(CliRunner().invoke(main, ["inspect", str(root), "--json"]).stdout)
+    assert info["adapters"]["stranger"]["codec"] == "lowrank"
+    assert "factors r=" in CliRunner().invoke(main, ["inspect", str(root)]).stdout
+    untouched = copy_of(collection, tmp_path / "again")
+    refused = CliRunner().invoke(main, ["add", str(untouched), str(stranger), "--hold", "bank", "--max-error", "0.3"])
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1 and "--max-error" in refused.stderr
+    missing_base = CliRunner().invoke(main, ["add", str(root), str(stranger), "--min-kl-retention", "0.9"])
+    assert missing_base.exit_code == 2 and "--min-kl-retention" in missing_base.stderr and "--base" in missing_base.stderr
+
+
+def test_low_rank_entries_load_in_peft_as_lora_with_the_stated_error(collection, stranger, minilm, tmp_path):
+    from peft import PeftModel
+
+    from .conftest import outputs_with_delta
+
+    root = copy_of(collection, tmp_path)
+    (entry,) = add(root, [stranger], fit=FAST, quality=QualitySettings(max_error=0.3)).added
+    report = Collection(root).unpack([entry.name], tmp_path / "u")
+    assert report.written_as == ["dense LoRA"]
+    config = json.loads((report.paths[0] / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    _, fresh, batch = minilm
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(fresh(), str(report.paths[0])).eval()(**batch).last_hidden_state
+    torch.testing.assert_close(theirs, outputs_with_delta(fresh, batch, Collection(root).adapter(entry.name)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(SettingError, match="held as low-rank factors"):
+        Collection(root).load_peft(fresh(), [entry.name])
+
+
+def test_base_names_are_compared_by_model_not_by_path(collection, tmp_path):
+    adapter = load_adapter(MINILM_ADAPTER)
+    adapter.base_model = "/content/drive/MyDrive/models/all-MiniLM-L6-v2"  # the collection says sentence-transformers/…
+    write_peft_lora(adapter, tmp_path / "local-path")
+    root = copy_of(collection, tmp_path)
+    assert add(root, [tmp_path / "local-path"], fit=FAST).added
+    other = load_adapter(MINILM_ADAPTER)
+    other.base_model = "sentence-transformers/all-MiniLM-L12-v2"
+    write_peft_lora(other, tmp_path / "other-model")
+    with pytest.raises(Exception, match="allow_mixed_bases"):
+        add(root, [tmp_path / "other-model"], fit=FAST)

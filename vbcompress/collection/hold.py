@@ -1,0 +1,254 @@
+"""How each adapter of a collection is held: the quality floor, and the fewest bytes that meet it.
+
+Every adapter is held to a floor (:class:`~vbcompress.settings.QualitySettings`): KL retention on held-out
+text with a base model, ΔW error without one. Two representations compete, cheapest first:
+
+- **bank codes** at rank r' (the adapter's top r' singular directions, one rank for all modules, as PEFT's
+  VB-LoRA requires): the codes of the full-rank fit sliced to their first r' directions (the fit works in
+  the balanced gauge, directions in σ order), calibrated on the base model when one is given;
+- **low-rank factors**: the top directions of every module stored at 16, 8, 4, 3 or 2 bits (the plain
+  representation every report compares against), on the Pareto front of bytes against ΔW error.
+
+The low-rank ladder is searched first (cheap to score), which bounds what bank codes may cost; bank ranks
+below that bound are searched from the largest down, so a bank that misses at its best rank costs one try.
+Along both ladders quality is assumed to grow with bytes (true of ΔW error; measured, not proven, for KL):
+the search bisects. What was tried is recorded with the adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..adapter import Adapter, LoraModule
+from ..baselines import quantize
+from ..codec.bank import BANK
+from ..codec.layout import VBCode
+from ..codec.lowrank import BITS, LOWRANK, packed_bytes
+from ..errors import SettingError
+from ..linalg import balanced, delta_sq_error, gram_sq_norm
+from ..metrics import measure
+from ..retention import Probe
+from ..settings import QualitySettings
+
+
+@dataclass
+class Tried:
+    """One representation tried for an adapter: its bytes and what it kept."""
+
+    codec: str
+    rank: int
+    bits: int | None
+    bytes: int
+    rel_error: float | None
+    retention: float | None = None  # KL retention (causal LMs) or effect retention (encoders), held-out text
+    met: bool = False
+
+
+@dataclass
+class Holding:
+    """The representation chosen for an adapter: the codec's tensors and table, what it keeps, what was tried."""
+
+    codec: str
+    tensors: dict[str, torch.Tensor]
+    table: dict
+    modules: dict[str, LoraModule]  # decoded exactly as stored
+    chosen: Tried
+    tried: list[Tried] = field(default_factory=list)
+    errors: dict = field(default_factory=dict)  # per-module ΔW errors of the stored representation
+    calibrated: bool = False
+
+
+class Judge:
+    """Scores a stored representation of ``source`` against the floor: ΔW error always, retention on held-out
+    text (``probe``) when the floor is one."""
+
+    def __init__(self, source: Adapter, quality: QualitySettings, probe: Probe | None = None):
+        self.source, self.probe = source, probe
+        self.kind, self.value = quality.floor(probe is not None)
+        self.setting = "min_kl_retention" if self.kind == "retention" else "max_error"
+
+    def describe(self) -> str:
+        return f"{'retention' if self.kind == 'retention' else 'ΔW error'} {'≥' if self.kind == 'retention' else '≤'} {self.value:g}"
+
+    def score(self, tried: Tried, modules: dict[str, LoraModule]) -> Tried:
+        total, _, _ = measure(self.source, Adapter(modules=modules, source=self.source.source))
+        tried.rel_error = total
+        if self.probe is not None:
+            tried.retention = self.probe.measure({n: m.delta_weight() for n, m in modules.items()}).headline
+        tried.met = self.meets(tried)
+        return tried
+
+    def meets(self, t: Tried) -> bool:
+        if self.kind == "retention":
+            return t.retention is not None and t.retention >= self.value
+        return t.rel_error is None or t.rel_error <= self.value
+
+
+def lowrank_front(source: Adapter) -> list[Tried]:
+    """(rank, bits) settings of the low-rank codec on the Pareto front of bytes against ΔW error, cheapest
+    first; errors exact, from the quantized factors."""
+    modules = list(source.modules.values())
+    top = max(m.r for m in modules)
+    folded = [m.folded() for m in modules]
+    ref = sum(float(gram_sq_norm(b.double(), a.double())) for b, a in folded)
+    factors = [balanced(b, a)[:2] for b, a in folded]  # slicing these is truncation: directions in σ order
+    grid = []
+    for rank in range(1, top + 1):
+        for bits in BITS:
+            size = err = 0
+            for m, (b, a), (bb, aa) in zip(modules, folded, factors):
+                r = min(rank, m.r)
+                bt, at = bb[:, :r], aa[:r]
+                stored = (bt.half().float(), at.half().float()) if bits == 16 else (quantize(bt, bits), quantize(at, bits))
+                size += packed_bytes(r * (m.in_features + m.out_features), bits)
+                err += delta_sq_error(b, a, *stored)
+            grid.append(Tried("lowrank", rank, bits, size, (err / ref) ** 0.5 if ref > 0 else None))
+    front, best = [], float("inf")
+    for t in sorted(grid, key=lambda t: (t.bytes, t.rel_error or 0)):
+        if (t.rel_error or 0) < best:
+            front.append(t)
+            best = t.rel_error or 0
+    return front
+
+
+def hold_lowrank(source: Adapter, rank: int, bits: int) -> tuple[dict, dict]:
+    ranks = {n: min(rank, m.r) for n, m in source.modules.items()}
+    table = {
+        "codec": LOWRANK.name,
+        "bits": bits,
+        "rank": rank,
+        "fan_in_fan_out": source.fan_in_fan_out(),
+        "modules": [[n, m.in_features, m.out_features, ranks[n]] for n, m in source.modules.items()],
+    }
+    return LOWRANK.hold(source.modules, ranks, bits), table
+
+
+def sliced(codes: dict[str, VBCode], rank: int) -> dict[str, VBCode]:
+    """Codes of the top ``rank`` directions: the first rows of A's codes, the first columns of B's."""
+    return {n: VBCode(c.indices_A[:rank], c.weights_A[:rank], c.indices_B[:, :rank], c.weights_B[:, :rank]) for n, c in codes.items()}
+
+
+def hold_bank(source: Adapter, codes: dict[str, VBCode], bank: torch.Tensor, topk: int) -> tuple[dict, dict]:
+    table = {
+        "codec": BANK.name,
+        "rank": next(iter(codes.values())).rank,
+        "fan_in_fan_out": source.fan_in_fan_out(),
+        "modules": [[n, m.in_features, m.out_features] for n, m in source.modules.items()],
+    }
+    return BANK.hold(codes, topk, bank.shape[0]), table
+
+
+def first_met(n: int, attempt: Callable[[int], Tried]) -> int | None:
+    """Smallest i in [0, n) whose attempt meets the floor, bisecting (quality assumed to grow with i)."""
+    if n == 0 or not attempt(n - 1).met:
+        return None
+    lo, hi = 0, n - 1  # hi meets
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if attempt(mid).met:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def choose(
+    name: str,
+    source: Adapter,
+    judge: Judge,
+    quality: QualitySettings,
+    bank: tuple[torch.Tensor, int, dict[str, VBCode]] | None,
+    calibrate: Callable[[dict[str, VBCode]], dict[str, VBCode]] | None = None,
+) -> Holding:
+    """The cheapest representation of ``source`` that meets ``judge``'s floor (see the module docstring).
+
+    ``bank``: (bank ``[N, L]``, k, full-rank codes) when bank codes may compete; ``calibrate`` trains sliced
+    codes on the base model. Raises SettingError (naming the floor's setting) when nothing within the
+    adapter's own fp16 size meets it.
+    """
+    tried: list[Tried] = []
+    held: dict[tuple, tuple] = {}
+
+    def attempt_lowrank(t: Tried) -> Tried:
+        key = ("lowrank", t.rank, t.bits)
+        if key not in held:
+            tensors, table = hold_lowrank(source, t.rank, t.bits)
+            modules = LOWRANK.decode(tensors, table, None, 0)
+            score = judge.score(Tried("lowrank", t.rank, t.bits, LOWRANK.stored_bytes(tensors), None), modules)
+            tried.append(score)
+            held[key] = (tensors, table, modules, score)
+        return held[key][3]
+
+    best_low = None
+    if quality.hold in ("auto", "lowrank"):
+        cap = source.fp16_bytes()
+        front = [t for t in lowrank_front(source) if t.bytes <= cap]
+        if judge.kind == "error":  # exact already: no need to bisect
+            hit = next((i for i, t in enumerate(front) if judge.meets(t)), None)
+        else:
+            hit = first_met(len(front), lambda i: attempt_lowrank(front[i]))
+        best_low = attempt_lowrank(front[hit]) if hit is not None else None
+
+    best_bank = None
+    if bank is not None and quality.hold in ("auto", "bank"):
+        vectors, topk, codes = bank
+        top = next(iter(codes.values())).rank
+        cost = [BANK.stored_bytes(hold_bank(source, sliced(codes, r), vectors, topk)[0]) for r in range(1, top + 1)]
+        ranks = [r for r in range(1, top + 1) if best_low is None or cost[r - 1] < best_low.bytes]
+
+        def attempt_bank(i: int) -> Tried:
+            r = ranks[i]
+            if ("bank", r) not in held:
+                trial = sliced(codes, r)
+                trial = calibrate(trial) if calibrate is not None else trial
+                tensors, table = hold_bank(source, trial, vectors, topk)
+                modules = BANK.decode(tensors, table, vectors, topk)
+                score = judge.score(Tried("bank", r, None, BANK.stored_bytes(tensors), None), modules)
+                tried.append(score)
+                held[("bank", r)] = (tensors, table, modules, score)
+            return held[("bank", r)][3]
+
+        hit = first_met(len(ranks), attempt_bank)
+        best_bank = held[("bank", ranks[hit])][3] if hit is not None else None
+
+    chosen = best_bank or best_low
+    if chosen is None:
+        closest = max(tried, key=lambda t: (t.retention or 0) if judge.kind == "retention" else -(t.rel_error or 0), default=None)
+        reached = f"; the closest, {describe(closest)}, reached {keeps(closest)}" if closest else ""
+        raise SettingError(
+            judge.setting,
+            f"adapter {name!r}: no representation within its own fp16 size keeps {judge.describe()} ({{setting}}){reached}",
+            where=source.source,
+        )
+    key = ("bank", chosen.rank) if chosen.codec == "bank" else ("lowrank", chosen.rank, chosen.bits)
+    if key not in held:
+        attempt_lowrank(chosen)
+    tensors, table, modules, score = held[key]
+    _, errors, _ = measure(source, Adapter(modules=modules, source=source.source))
+    return Holding(
+        codec=chosen.codec,
+        tensors=tensors,
+        table=table,
+        modules=modules,
+        chosen=score,
+        tried=sorted(tried, key=lambda t: t.bytes),
+        errors={n: asdict(e) for n, e in errors.items()},
+        calibrated=chosen.codec == "bank" and calibrate is not None,
+    )
+
+
+def describe(t: Tried) -> str:
+    """``bank codes r=2`` / ``int4 factors r=1`` / ``fp16 factors r=8``."""
+    if t.codec == "bank":
+        return f"bank codes r={t.rank}"
+    return f"{'fp16' if t.bits == 16 else f'int{t.bits}'} factors r={t.rank}"
+
+
+def keeps(t: Tried) -> str:
+    parts = [f"ΔW error {t.rel_error:.3f}" if t.rel_error is not None else "ΔW error -"]
+    if t.retention is not None:
+        parts.append(f"retention {t.retention:.3f}")
+    return ", ".join(parts)

@@ -1,0 +1,111 @@
+"""Retention: how much of an adapter's effect a candidate keeps, measured on a base model and some texts.
+
+A :class:`Probe` computes the base's and the reference's outputs once and then measures any number of
+candidates against them: what the quality floor of a collection does for every representation it tries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .basemodel import CHUNK_TOKENS, Base, pooled, real_positions
+
+
+@dataclass
+class Retention:
+    """How much of an adapter's effect a candidate keeps on some inputs, against the reference ("teacher").
+
+    Encoders: ``effect_retention = 1 − ‖f_cand − f_ref‖ / ‖f_ref − f_base‖`` over mean-pooled hidden
+    states ``f`` (None when the reference has no effect), and the mean cosine of ``f_cand`` with ``f_ref``.
+
+    Causal LMs, per next-token distribution over every real token: ``kl_retention = 1 − KL(ref‖cand) /
+    KL(ref‖base)``, ``top1_agreement`` (share of tokens where cand's most likely next token is ref's) and the
+    ``perplexity`` of base, ref ("teacher") and cand on the text itself. Pooled fields are None there.
+    """
+
+    effect_retention: float | None
+    mean_cosine: float | None
+    samples: int
+    kl_retention: float | None = None
+    top1_agreement: float | None = None
+    perplexity: dict[str, float] | None = None  # {"base", "teacher", "candidate"}
+    tokens: int | None = None
+
+    @property
+    def headline(self) -> float | None:
+        """The number to quote: KL retention for causal LMs, pooled effect retention otherwise."""
+        return self.kl_retention if self.kl_retention is not None else self.effect_retention
+
+
+class Probe:
+    """``base``'s and ``ref``'s (module → ΔW) outputs on ``texts``, kept, so that each candidate costs one
+    forward pass: hidden states of every real token (causal LMs) or pooled outputs (encoders)."""
+
+    def __init__(self, base: Base, texts: list[str], ref: dict, max_length: int, batch_size: int = 16):
+        self.base, self.samples = base, len(texts)
+        # by token length: sums do not depend on the order, and similar lengths waste little on padding
+        texts = sorted(texts, key=lambda t: len(base.tokenizer(t)["input_ids"])) if base.causal else texts
+        self.batches = [base.encode(texts[i : i + batch_size], max_length) for i in range(0, len(texts), batch_size)]
+        with torch.no_grad():
+            self.plain = [self._outputs(b, None) for b in self.batches]
+            self.ref = [self._outputs(b, ref) for b in self.batches]
+
+    def _outputs(self, batch: dict, deltas: dict | None) -> torch.Tensor:
+        if self.base.causal:
+            return real_positions(self.base.hidden(batch, deltas), batch["attention_mask"])
+        return pooled(self.base.forward(batch, deltas), batch["attention_mask"]).cpu()
+
+    def measure(self, cand: dict) -> Retention:
+        """What ``cand`` (module → ΔW) keeps of the reference's effect: see :class:`Retention`."""
+        with torch.no_grad():
+            outs = [self._outputs(b, cand) for b in self.batches]
+        if self.base.causal:
+            return self._lm(outs)
+        f = {"base": torch.cat(self.plain), "ref": torch.cat(self.ref), "cand": torch.cat(outs)}
+        effect = (f["ref"] - f["base"]).norm()
+        gap = (f["cand"] - f["ref"]).norm()
+        cos = torch.nn.functional.cosine_similarity(f["cand"], f["ref"], dim=-1).mean()
+        return Retention(effect_retention=float(1 - gap / effect) if effect > 0 else None, mean_cosine=float(cos), samples=self.samples)
+
+    def _lm(self, outs: list[torch.Tensor]) -> Retention:
+        """Causal LMs: KL retention, top-1 agreement and perplexities over every real token, with logits
+        formed :data:`CHUNK_TOKENS` positions at a time."""
+        kl_cand = kl_base = agree = tokens = 0.0
+        nll = {"base": 0.0, "teacher": 0.0, "candidate": 0.0}
+        predicted = 0
+        with torch.no_grad():
+            for batch, h_base, h_ref, h_cand in zip(self.batches, self.plain, self.ref, outs):
+                mask = batch["attention_mask"]
+                # the token each position predicts, where that next token is real text
+                nxt = torch.cat([batch["input_ids"][:, 1:], batch["input_ids"][:, :1]], 1)
+                has_next = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1).bool() & mask.bool()
+                hs = {"base": h_base, "teacher": h_ref, "candidate": h_cand}
+                target, valid = real_positions(nxt, mask), real_positions(has_next, mask)
+                for c in range(0, len(target), CHUNK_TOKENS):
+                    lp = {k: torch.log_softmax(self.base.logits(h[c : c + CHUNK_TOKENS]), -1) for k, h in hs.items()}
+                    t = lp["teacher"]
+                    kl_cand += float((t.exp() * (t - lp["candidate"])).sum())
+                    kl_base += float((t.exp() * (t - lp["base"])).sum())
+                    agree += float((t.argmax(-1) == lp["candidate"].argmax(-1)).sum())
+                    tg, ok = target[c : c + CHUNK_TOKENS], valid[c : c + CHUNK_TOKENS]
+                    for k in nll:
+                        nll[k] -= float(lp[k].gather(1, tg[:, None])[:, 0][ok].sum())
+                    predicted += int(ok.sum())
+                tokens += len(target)
+        return Retention(
+            effect_retention=None,
+            mean_cosine=None,
+            samples=self.samples,
+            kl_retention=1 - kl_cand / kl_base if kl_base > 0 else None,
+            top1_agreement=agree / tokens if tokens else None,
+            perplexity={k: math.exp(v / predicted) for k, v in nll.items()} if predicted else None,
+            tokens=int(tokens),
+        )
+
+
+def retention(base: Base, texts: list[str], ref: dict, cand: dict, max_length: int, batch_size: int = 16) -> Retention:
+    """What ``cand`` (module → ΔW) keeps of ``ref``'s effect on ``texts``: see :class:`Retention`."""
+    return Probe(base, texts, ref, max_length, batch_size).measure(cand)

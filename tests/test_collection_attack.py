@@ -294,3 +294,34 @@ def test_fuzzed_codes_files_read_or_refuse_cleanly(pristine, tmp_path_factory, f
         return
     for m in adapter.modules.values():
         assert torch.isfinite(m.A).all() and torch.isfinite(m.B).all()
+
+
+def test_pool_workers_die_with_their_driver(coll, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    import signal
+    import time
+
+    sources = []
+    for i in range(8):
+        shutil.copytree(CONTRACT, tmp_path / f"s{i}")
+        sources.append(str(tmp_path / f"s{i}"))
+    script = (
+        "import sys\nfrom vbcompress.collection import add\nfrom vbcompress import FitSettings\n"
+        f"add({str(coll)!r}, {sources!r}, fit=FitSettings(code_refine_steps=2000), workers=2, keep_going=True)\n"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        workers = []
+        while time.monotonic() < deadline and len(workers) < 2:
+            workers = [p for p in psutil.Process(driver.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+            time.sleep(0.2)
+        assert len(workers) >= 2, "the pool did not start"
+        time.sleep(3)  # some of the way into their work (a worker still starting up exits on its own check)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"workers outlived their driver: {[p.pid for p in alive]}"
+    finally:
+        if driver.poll() is None:
+            driver.kill()

@@ -122,7 +122,7 @@ def encode(job: Job, bank: torch.Tensor, progress: Progress | None = None, judgi
 _WORKER_BANK: torch.Tensor | None = None
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Ask Linux to kill this worker when its driver dies, however it dies (SIGKILL included)."""
     import ctypes
     import signal
@@ -131,11 +131,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the pool's own shutdown is all there is
         pass
+    if os.getppid() != parent:  # the driver died before the request: no signal will come
+        os._exit(1)
 
 
-def _worker_init(collection: str, threads: int) -> None:
+def _worker_init(collection: str, threads: int, parent: int) -> None:
     global _WORKER_BANK
-    _die_with_parent()
+    _die_with_parent(parent)
     torch.set_num_threads(threads)
     _WORKER_BANK = Store(collection).bank.float()
 
@@ -175,7 +177,9 @@ def _run_pool(jobs: list[Job], collection: Path, workers: int) -> Iterator[Outco
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(str(collection), threads)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_worker_init, initargs=(str(collection), threads, os.getpid())
+    ) as pool:
         futures = [pool.submit(_worker_encode, job) for job in jobs]
         try:
             for future in as_completed(futures):

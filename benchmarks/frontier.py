@@ -225,7 +225,9 @@ def plot(rows: list[dict], path: str) -> None:
 
     names = sorted({x["adapter"] for x in rows})
     cols = 3
-    fig, axes = plt.subplots((len(names) + cols - 1) // cols, cols, figsize=(5 * cols, 3.6 * ((len(names) + cols - 1) // cols)), squeeze=False)
+    fig, axes = plt.subplots(
+        (len(names) + cols - 1) // cols, cols, figsize=(5 * cols, 3.6 * ((len(names) + cols - 1) // cols)), squeeze=False
+    )
     styles = {
         "SVD int-N/fp16": ("tab:gray", "o"),
         "collection (weight-only codes)": ("tab:blue", "s"),
@@ -234,7 +236,11 @@ def plot(rows: list[dict], path: str) -> None:
     }
     for ax, name in zip(axes.flat, names):
         for fam, (color, marker) in styles.items():
-            pts = sorted((x["marginal_ratio"] * 100, x["retention"]) for x in rows if x["adapter"] == name and family_of(x["method"]) == fam and x["retention"] is not None)
+            pts = sorted(
+                (x["marginal_ratio"] * 100, x["retention"])
+                for x in rows
+                if x["adapter"] == name and family_of(x["method"]) == fam and x["retention"] is not None
+            )
             if pts:
                 ax.plot(*zip(*pts), marker=marker, color=color, label=fam, linestyle="-" if fam.startswith("SVD") else "none", markersize=6)
         ax.set_xscale("log")

@@ -74,12 +74,13 @@ def model_card(
         )
     if b.carried:
         rows.append(("Carried", f"{fmt_bytes(b.carried)} of non-LoRA tensors (heads), as they were"))
+    v = report.verdict
     verdict = (
-        f"\n**Read this before using it:** plain SVD truncation to rank {svd.rank} keeps more of the source's weights "
-        "at this size. The ΔW error says how far this adapter's weight updates are from the source's; check the "
-        "behaviour on your own inputs (`vbcompress eval SOURCE THIS --base MODEL --data FILE`).\n"
-        if report.svd_keeps_more
-        else ""
+        f"\n> **Warning — read this before using it:** {v.line}. The ΔW error says how far this adapter's weight "
+        "updates are from the source's; check the behaviour on your own inputs "
+        "(`vbcompress eval SOURCE THIS --base MODEL --data FILE`).\n"
+        if v is not None and (v.kind == "plain" or v.keeps != "much")
+        else (f"\nVerdict: {v.line}.\n" if v is not None else "")
     )
     where = repo_id or "path/to/this/folder"
     auto = AUTO_CLASS.get(task_type or "", "AutoModel")
@@ -96,7 +97,7 @@ def model_card(
 ---
 
 # {name}, as a VB-LoRA vector bank
-
+{verdict}
 This adapter is the LoRA {provenance} rewritten by [vbcompress](https://pypi.org/project/vbcompress/) {__version__}
 into PEFT's VB-LoRA format: every LoRA matrix is built from sub-vectors of length {fit.vector_length}, each a
 top-{fit.topk} mixture of vectors from one bank shared by all layers. It was distilled from the trained
@@ -105,7 +106,7 @@ LoRA{" and calibrated on the function of base + LoRA" if cal else ""}, not train
 | What was kept | |
 |---|---|
 {table}
-{verdict}
+
 The full report, per module, is in `vbcompress.json`.
 
 ## Use it with PEFT

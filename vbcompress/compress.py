@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter
-from .bank.calibrate import CalibrationReport, calibrate
+from .bank.calibrate import CalibrationReport, calibrate, heldout_split
 from .bank.fit import FitResult
 from .bank.pipeline import calibration_texts, fit_settings_for, run_fit
-from .baselines import truncation
+from .baselines import truncated_factors, truncation
 from .basemodel import Base
 from .card import model_card, source_metadata
 from .codec.layout import VectorBank, canonical_code
@@ -27,7 +27,9 @@ from .hub import HubSource, create_repo, push, resolve
 from .metrics import measure
 from .output import OutputTarget, claim_output
 from .results import ByteCounts, CompressReport, FitStages
+from .retention import Probe
 from .settings import CalibrationSettings, FitSettings, OutputSettings, Progress
+from .verdict import Verdict, best_plain, judge
 
 
 def fit_stages(fit: FitResult) -> FitStages:
@@ -82,8 +84,10 @@ def _lora2vb(src, got, target: OutputTarget, fit, output, base_path, base, calib
         raise SettingError("texts", "calibration text ({setting}) needs a base model", where=texts)
     factors = {name: m.folded() for name, m in source.modules.items()}
     result = run_fit(factors, fit, progress)
-    fitted, calib_report = VectorBank(bank=result.bank, topk=fit.topk, codes=result.codes), None
+    fitted, calib_report, probe = VectorBank(bank=result.bank, topk=fit.topk, codes=result.codes), None, None
     if model is not None:
+        held, _ = heldout_split(inputs, calibration, torch.Generator().manual_seed(fit.seed))
+        probe = Probe(model, held, source.delta_weights(), calibration.max_length)
         fitted, calib_report = calibrate(source, fitted, model, inputs, calibration, seed=fit.seed, progress=progress)
         calib_report = replace(calib_report, base=base_label, data=label, calibration_file=str(texts) if texts else None)
     vb = VectorBank(
@@ -103,6 +107,7 @@ def _lora2vb(src, got, target: OutputTarget, fit, output, base_path, base, calib
         hub_source=got.hub,
         calibration=calib_report,
         repo_id=repo_id,
+        probe=probe,
     )
 
 
@@ -135,9 +140,11 @@ def write_compressed(
     hub_source: HubSource | None = None,
     calibration: CalibrationReport | None = None,
     repo_id: str | None = None,
+    probe: Probe | None = None,
 ) -> CompressReport:
-    """Write ``vb`` as a PEFT VB-LoRA adapter with its report and model card; the report describes the
-    written files, re-read, not our in-memory copy."""
+    """Write ``vb`` as a PEFT VB-LoRA adapter with its report, verdict and model card; the report describes
+    the written files, re-read, not our in-memory copy. With ``probe`` (a base model and held-out text), the
+    verdict compares retention too: the written adapter's and the best plain representation's, measured alike."""
     with target.write() as tmp:
         write_vblora(vb_adapter(source, vb, target.out), tmp, full_logits=output.full_logits)
         written = target.read_back(load_adapter, tmp)
@@ -160,6 +167,7 @@ def write_compressed(
                 carried=source.carried_bytes(),
             ),
             svd_baseline=truncation(source.modules.values(), vb_bytes),
+            verdict=verdict_on(source, written, vb_bytes, total, probe, str(src)),
             fit_stages=stages,
             hub_source=hub_source,
             calibration=calibration,
@@ -170,6 +178,18 @@ def write_compressed(
         )
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return report
+
+
+def verdict_on(source: Adapter, written: Adapter, stored: int, rel_error: float | None, probe: Probe | None, src: str) -> Verdict:
+    """The verdict on a written VB-LoRA adapter, in function space too when a probe is given."""
+    plain, retention = best_plain(source.modules.values(), stored), None
+    if probe is not None:
+        retention = probe.measure(written.delta_weights()).headline
+        if plain is not None:
+            factors = {n: truncated_factors(m, min(plain.rank, m.r), plain.bits) for n, m in source.modules.items()}
+            deltas = {n: replace(source.modules[n], B=b, A=a, scale=1.0).delta_weight() for n, (b, a) in factors.items()}
+            plain.retention = probe.measure(deltas).headline
+    return judge("this VB-LoRA adapter", source.modules.values(), stored, rel_error, retention, plain, src)
 
 
 def compress_from_hub(

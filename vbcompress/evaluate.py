@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .baselines import truncated_factors
 from .basemodel import Base, read_texts
 from .errors import SettingError
 from .formats import load_adapter
 from .hub import resolve
 from .metrics import DeltaReport, SizeReport, delta_errors, size_report
-from .retention import Retention, retention
+from .retention import Probe, Retention
+from .verdict import Verdict, best_plain, judge
 
 
 @dataclass
@@ -22,11 +24,13 @@ class EvalReport:
     delta: DeltaReport
     sizes: SizeReport
     function: Retention | None = None
+    verdict: Verdict | None = None
 
     def to_json(self) -> dict:
         out = {"ref": self.ref, "cand": self.cand, "delta": self.delta.to_dict(), "sizes": asdict(self.sizes)}
         if self.function is not None:
             out["function"] = asdict(self.function)
+        out["verdict"] = self.verdict.to_json() if self.verdict else None
         return out
 
 
@@ -50,10 +54,19 @@ def evaluate(
     reference = load_adapter(resolve(ref, "adapter", token=token).path)
     candidate = load_adapter(resolve(cand, "adapter", token=token).path)
     report = EvalReport(ref=str(ref), cand=str(cand), delta=delta_errors(reference, candidate), sizes=size_report(reference, candidate))
+    plain = best_plain(reference.modules.values(), report.sizes.cand_bytes)
     if base is not None:
         model = Base(resolve(base, "base", token=token).path, reference)
         model.check(candidate)
         texts = read_texts(data)
         model.check_length(texts, data, max_length)
-        report.function = retention(model, texts, reference.delta_weights(), candidate.delta_weights(), max_length)
+        probe = Probe(model, texts, reference.delta_weights(), max_length)
+        report.function = probe.measure(candidate.delta_weights())
+        if plain is not None:
+            factors = {n: truncated_factors(m, min(plain.rank, m.r), plain.bits) for n, m in reference.modules.items()}
+            plain.retention = probe.measure(
+                {n: replace(reference.modules[n], B=b, A=a, scale=1.0).delta_weight() for n, (b, a) in factors.items()}
+            ).headline
+    kept = report.function.headline if report.function is not None else None
+    report.verdict = judge("CAND", reference.modules.values(), report.sizes.cand_bytes, report.delta.total_rel_error, kept, plain, str(ref))
     return report

@@ -12,6 +12,7 @@ from .baselines import Baseline
 from .hub import HubSource, Pushed
 from .metrics import ModuleFit
 from .settings import FitSettings, OutputSettings
+from .verdict import Verdict
 from .version import __version__
 
 
@@ -58,9 +59,13 @@ class CompressReport:
     pushed: Pushed | None = None
     vbcompress_version: str = __version__
     zero_modules: list[str] = field(default_factory=list)
+    verdict: Verdict | None = None
 
     @property
     def svd_keeps_more(self) -> bool:
+        """A plain representation (SVD factors at fp16, int8 or int4) keeps more in no more bytes."""
+        if self.verdict is not None:
+            return self.verdict.kind == "plain"
         return self.total_rel_error is not None and self.svd_baseline.rel_error < self.total_rel_error
 
     def to_json(self) -> dict:
@@ -89,6 +94,7 @@ class CompressReport:
             "svd_baseline": {"rank": self.svd_baseline.rank, "bytes": self.svd_baseline.bytes, "rel_error": self.svd_baseline.rel_error},
             "fit_stages": asdict(self.fit_stages),
             "calibration": asdict(self.calibration) if self.calibration else None,
+            "verdict": self.verdict.to_json() if self.verdict else None,
         }
         if self.pushed is not None:
             out["pushed"] = asdict(self.pushed)

@@ -33,6 +33,7 @@ class Retention:
     top1_agreement: float | None = None
     perplexity: dict[str, float] | None = None  # {"base", "teacher", "candidate"}
     tokens: int | None = None
+    base_top1_agreement: float | None = None  # the base alone against the reference: what 0 retention looks like
 
     @property
     def headline(self) -> float | None:
@@ -73,7 +74,7 @@ class Probe:
     def _lm(self, outs: list[torch.Tensor]) -> Retention:
         """Causal LMs: KL retention, top-1 agreement and perplexities over every real token, with logits
         formed :data:`CHUNK_TOKENS` positions at a time."""
-        kl_cand = kl_base = agree = tokens = 0.0
+        kl_cand = kl_base = agree = agree_base = tokens = 0.0
         nll = {"base": 0.0, "teacher": 0.0, "candidate": 0.0}
         predicted = 0
         with torch.no_grad():
@@ -90,6 +91,7 @@ class Probe:
                     kl_cand += float((t.exp() * (t - lp["candidate"])).sum())
                     kl_base += float((t.exp() * (t - lp["base"])).sum())
                     agree += float((t.argmax(-1) == lp["candidate"].argmax(-1)).sum())
+                    agree_base += float((t.argmax(-1) == lp["base"].argmax(-1)).sum())
                     tg, ok = target[c : c + CHUNK_TOKENS], valid[c : c + CHUNK_TOKENS]
                     for k in nll:
                         nll[k] -= float(lp[k].gather(1, tg[:, None])[:, 0][ok].sum())
@@ -103,6 +105,7 @@ class Probe:
             top1_agreement=agree / tokens if tokens else None,
             perplexity={k: math.exp(v / predicted) for k, v in nll.items()} if predicted else None,
             tokens=int(tokens),
+            base_top1_agreement=agree_base / tokens if tokens else None,
         )
 
 

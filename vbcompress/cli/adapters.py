@@ -98,6 +98,8 @@ def run_lora2vb(run, src: str, out: str, fmt: str | None, as_json: bool, **optio
 def print_lora2vb_report(report, out: str) -> None:
     b, fit, svd = report.bytes, report.fit, report.svd_baseline
     click.echo(f"wrote {out}  (N={fit.num_vectors}, L={fit.vector_length}, k={fit.topk}, r={fit.rank})")
+    if report.verdict is not None:
+        print_verdict(report.verdict)
     click.echo(
         f"size:      {fmt_bytes(b.vb)} = {b.ratio:.1%} of the LoRA at fp16 ({fmt_bytes(b.source_fp16)}); "
         f"bank {fmt_bytes(b.bank)}, codes {fmt_bytes(b.codes)}"
@@ -105,7 +107,7 @@ def print_lora2vb_report(report, out: str) -> None:
     if b.carried:
         click.echo(f"carried:   {fmt_bytes(b.carried)} of non-LoRA tensors (heads), copied as they were")
     click.echo(f"ΔW error:  {fmt_num(report.total_rel_error, '.4f')}  (relative Frobenius, all modules)")
-    click.echo(f"SVD truncation to rank {svd.rank} at ≤ the same bytes: error {svd.rel_error:.4f}")
+    click.echo(f"SVD truncation at fp16 to rank {svd.rank} in ≤ the same bytes: error {svd.rel_error:.4f}")
     cal = report.calibration
     if cal and cal.retention_after and cal.retention_before:
         before, after = cal.retention_before, cal.retention_after
@@ -123,8 +125,14 @@ def print_lora2vb_report(report, out: str) -> None:
             f"calibrated on {cal.samples - cal.heldout_samples} samples ({cal.data}) in {fmt_num(cal.seconds, '.0f')} s; "
             f"on {cal.heldout_samples} held-out: {kept}"
         )
-    if report.svd_keeps_more:
-        click.echo("note: plain SVD truncation keeps more of this adapter at this size (try `--rank`, a larger N, or calibration).")
+
+
+def print_verdict(verdict) -> None:
+    """The verdict first: a warning when a plain representation keeps more, or when the output keeps little."""
+    if verdict.kind == "plain" or verdict.keeps != "much":
+        click.echo(f"warning: {verdict.line}")
+    else:
+        click.echo(f"verdict:   {verdict.line}")
 
 
 @click.command()
@@ -198,8 +206,8 @@ def print_eval(result) -> None:
         if f.kl_retention is not None or f.perplexity is not None:
             ppl = f.perplexity or {}
             click.echo(
-                f"KL retention: {fmt_num(f.kl_retention, '.4f')}   top-1 agreement: {fmt_num(f.top1_agreement, '.4f')}   "
-                f"({f.samples} inputs, {f.tokens} tokens)"
+                f"KL retention: {fmt_num(f.kl_retention, '.4f')} (the base alone: 0)   top-1 agreement: {fmt_num(f.top1_agreement, '.4f')} "
+                f"(the base alone: {fmt_num(f.base_top1_agreement, '.4f')})   ({f.samples} inputs, {f.tokens} tokens)"
             )
             click.echo("perplexity: " + "   ".join(f"{k} {fmt_num(v, '.2f')}" for k, v in ppl.items()))
         else:
@@ -210,6 +218,8 @@ def print_eval(result) -> None:
     click.echo(
         f"size: REF {fmt_bytes(s.ref_bytes)} stored ({fmt_bytes(s.ref_fp16_bytes)} at fp16), CAND {fmt_bytes(s.cand_bytes)} = {ratio} of REF at fp16"
     )
+    if result.verdict is not None:
+        print_verdict(result.verdict)
 
 
 def print_rank_report(report, out: str) -> None:

@@ -68,6 +68,8 @@ def kept(t: dict) -> str:
 
 
 def print_entries(entries, verb: str) -> None:
+    """Per adapter: how it is held and what it keeps, then the verdict against plain truncation, and what the
+    other representations tried kept."""
     for e in entries:
         retention = f", retention {e.retention:.3f}" if e.retention is not None else ""
         click.echo(
@@ -75,27 +77,22 @@ def print_entries(entries, verb: str) -> None:
             f"({e.marginal_bytes / e.source_fp16_bytes:.1%} of its LoRA at fp16): ΔW error {fmt_num(e.rel_error, '.4f')}{retention} "
             f"(floor: {e.floor})"
         )
-        missed = [t for t in e.tried if t["codec"] != e.codec and t["bytes"] <= e.codes_bytes and not t["met"]]
-        if e.codec != "bank" and any(t["codec"] == "bank" for t in e.tried):
-            bank = max((t for t in e.tried if t["codec"] == "bank"), key=lambda t: t["bytes"])
+        v = e.verdict
+        if v is not None:
+            click.echo(f"  {'warning: ' if v['kind'] == 'plain' or v['keeps'] != 'much' else ''}{shown(v['line'])}")
+        banks = [t for t in e.tried if t["codec"] == "bank"]
+        if e.codec != "bank" and banks:
+            bank = max(banks, key=lambda t: t["bytes"])
             click.echo(
-                f"  the shared bank's codes (rank {bank['rank']}, {bank['bytes'] / e.source_fp16_bytes:.1%}) kept only {kept(bank)}: "
+                f"  the shared bank's codes ({describe(bank)}, {bank['bytes'] / e.source_fp16_bytes:.1%}) kept only {kept(bank)}: "
                 "plain factors keep more here"
             )
-        elif missed:
-            low = max(missed, key=lambda t: t["bytes"])
-            click.echo(f"  plain factors at no more bytes ({low['bytes'] / e.source_fp16_bytes:.1%}) kept {kept(low)}")
         better = [t for t in e.tried if t["codec"] != e.codec and t["met"] and t["bytes"] > e.codes_bytes]
         if e.codec == "bank" and better:
             low = min(better, key=lambda t: t["bytes"])
             click.echo(
                 f"  the floor is met, not more: {describe(low)} keep {kept(low)} at {low['bytes'] / e.source_fp16_bytes:.1%} "
                 "(raise the floor to get it)"
-            )
-        if e.rel_error is not None and e.rel_error >= 0.9 and e.retention is None:
-            click.echo(
-                f"note: the bank keeps almost nothing of {e.name} (ΔW error {e.rel_error:.3f}; 1.0 is an empty adapter): "
-                "its weights share little with what the bank was fitted to. A bank of its own, or int4 factors, keeps more."
             )
 
 

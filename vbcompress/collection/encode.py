@@ -140,6 +140,7 @@ def encode_held(source: Source, holding: Holding, added_by: str, floor: str) -> 
         retention=chosen.retention,
         floor=floor,
         tried=[asdict(t) for t in holding.tried],
+        verdict=holding.verdict.to_json() if holding.verdict else None,
     )
     table = {
         "name": source.name,

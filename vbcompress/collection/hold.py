@@ -32,6 +32,8 @@ from ..linalg import balanced, delta_sq_error, gram_sq_norm
 from ..metrics import measure
 from ..retention import Probe
 from ..settings import QualitySettings
+from ..verdict import Verdict, best_plain
+from ..verdict import judge as verdict_of
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Holding:
     tried: list[Tried] = field(default_factory=list)
     errors: dict = field(default_factory=dict)  # per-module ΔW errors of the stored representation
     calibrated: bool = False
+    verdict: Verdict | None = None
 
 
 class Judge:
@@ -228,6 +231,11 @@ def choose(
         attempt_lowrank(chosen)
     tensors, table, modules, score = held[key]
     _, errors, _ = measure(source, Adapter(modules=modules, source=source.source))
+    plain = best_plain(source.modules.values(), score.bytes)
+    if plain is not None and judge.probe is not None:
+        plain_tensors, plain_table = hold_lowrank(source, plain.rank, plain.bits)
+        plain_modules = LOWRANK.decode(plain_tensors, plain_table, None, 0)
+        plain.retention = judge.probe.measure({n: m.delta_weight() for n, m in plain_modules.items()}).headline
     return Holding(
         codec=chosen.codec,
         tensors=tensors,
@@ -237,6 +245,9 @@ def choose(
         tried=sorted(tried, key=lambda t: t.bytes),
         errors={n: asdict(e) for n, e in errors.items()},
         calibrated=chosen.codec == "bank" and calibrate is not None,
+        verdict=verdict_of(
+            f"its {describe(score)}", source.modules.values(), score.bytes, score.rel_error, score.retention, plain, source.source
+        ),
     )
 
 

@@ -116,6 +116,7 @@ def entry_fields(name: str, data, path: Path, codecs, bits: tuple[int, ...]) -> 
         "retention": f.float("retention", -1e6, 1.0),
         "floor": f.str("floor", optional=True),
         "tried": f.list("tried"),
+        "verdict": f.obj("verdict", optional=True),
         "codes_sha256": f.str("codes_sha256", optional=True, pattern=HEX64),
         "table_sha256": f.str("table_sha256", optional=True, pattern=HEX64),
     }

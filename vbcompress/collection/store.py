@@ -89,6 +89,7 @@ class Entry:
     retention: float | None = None  # held-out KL retention (causal LMs) or effect retention (encoders), with a base
     floor: str | None = None  # what it was held to, e.g. "ΔW error ≤ 0.5"
     tried: list = field(default_factory=list)  # the representations tried: codec, rank, bits, bytes, what each kept
+    verdict: dict | None = None  # against the best plain representation in no more bytes (vbcompress.verdict)
     codes_sha256: str | None = None  # of codes.safetensors and adapter.json as written: checked on every read
     table_sha256: str | None = None
 

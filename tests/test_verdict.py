@@ -105,3 +105,22 @@ def test_eval_shows_the_base_alone_next_to_the_candidate(tmp_path):
     assert f["top1_agreement"] == pytest.approx(1.0) and 0 <= f["base_top1_agreement"] <= 1
     text = CliRunner().invoke(main, ["eval", str(src), str(src), "--base", str(base), "--data", str(lines)]).stdout
     assert "(the base alone: " in text
+
+
+def test_size_first_dry_run_writes_nothing_and_its_bytes_are_what_a_fit_writes(tmp_path):
+    src = ADAPTERS / "minilm-l6-bias-st"
+    result = CliRunner().invoke(main, ["lora2vb", str(src), "--dry-run", "-L", "128", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["num_vectors"]: r for r in json.loads(result.stdout)["rows"]}
+    assert not list(tmp_path.iterdir())
+    _, report = lora2vb(src, tmp_path / "o", "-N", 64, "-L", 128, *FAST)
+    assert rows[64]["bytes"] == report["bytes"]["vb"]
+    assert rows[64]["plain"]["rel_error"] == pytest.approx(report["verdict"]["plain"]["rel_error"])
+
+
+def test_a_byte_budget_chooses_the_largest_bank_that_fits(tmp_path):
+    src = ADAPTERS / "minilm-l6-bias-st"
+    _, report = lora2vb(src, tmp_path / "o", "--max-bytes", 40000, "-L", 128, *FAST)
+    assert report["bytes"]["vb"] <= 40000 and report["settings"]["num_vectors"] == 64  # N=128: its bank alone is 65 KB
+    tight = CliRunner().invoke(main, ["lora2vb", str(src), "-o", str(tmp_path / "t"), "--max-bytes", "100"])
+    assert tight.exit_code == 2 and "--max-bytes allows 100 bytes" in tight.stderr and not (tmp_path / "t").exists()

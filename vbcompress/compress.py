@@ -28,7 +28,8 @@ from .metrics import measure
 from .output import OutputTarget, claim_output
 from .results import ByteCounts, CompressReport, FitStages
 from .retention import Probe
-from .settings import CalibrationSettings, FitSettings, OutputSettings, Progress
+from .settings import CalibrationSettings, FitSettings, OutputSettings, Progress, SizeSettings
+from .sizing import DryRunReport, dry_run, fit_for_budget
 from .verdict import Verdict, best_plain, judge
 
 
@@ -51,8 +52,12 @@ def lora2vb(
     token: str | None = None,
     repo_id: str | None = None,
     progress: Progress | None = None,
-) -> CompressReport:
+    size: SizeSettings | None = None,
+) -> CompressReport | DryRunReport:
     """Distill the LoRA at ``src`` into one vector bank and write a PEFT VB-LoRA adapter to ``out``.
+
+    ``size`` puts size first: a byte budget (``max_bytes`` or ``target_ratio``) chooses N; ``dry_run``
+    returns a :class:`~vbcompress.sizing.DryRunReport` (bytes and plain baselines at a few N) and writes nothing.
 
     Returns the report also written to ``out/vbcompress.json``: settings as run, per-module and total ΔW
     error (recomputed from the written files, against the full source), bytes and compression ratio, and
@@ -63,17 +68,25 @@ def lora2vb(
     without one, on data-free inputs. ``src`` and ``base`` may be Hub ids (``token`` for private ones).
     ``out`` also gets a README.md model card; ``repo_id`` is the name it tells users to load the adapter by.
     """
-    fit, output = fit or FitSettings(), output or OutputSettings()
+    fit, output, size = fit or FitSettings(), output or OutputSettings(), size or SizeSettings()
     output.check()
+    size.check()
     got = resolve(src, "adapter", token=token)
+    if size.dry_run:
+        source = load_adapter(got.path, format=format)
+        return dry_run(str(src), source, fit_settings_for([source], fit), output, size)
+    if out is None:
+        raise SettingError("out", "an output folder ({setting}) is needed unless this is a dry run")
     base_path = resolve(base, "base", token=token).path if base is not None else None
     with claim_output(out, overwrite, inputs=(got.path, base_path, texts)) as target:  # before any work
-        return _lora2vb(src, got, target, fit, output, base_path, base, calibration, texts, format, repo_id, progress)
+        return _lora2vb(src, got, target, fit, output, base_path, base, calibration, texts, format, repo_id, progress, size)
 
 
-def _lora2vb(src, got, target: OutputTarget, fit, output, base_path, base, calibration, texts, format, repo_id, progress) -> CompressReport:
+def _lora2vb(
+    src, got, target: OutputTarget, fit, output, base_path, base, calibration, texts, format, repo_id, progress, size
+) -> CompressReport:
     source = load_adapter(got.path, format=format)
-    fit = fit_settings_for([source], fit)
+    fit = fit_for_budget(source, fit_settings_for([source], fit), output, size)
     model = None
     if base is not None:  # load and check the base before any training
         calibration = calibration or CalibrationSettings()
@@ -205,8 +218,9 @@ def compress_from_hub(
     """``vbcompress hub``: download the LoRA at ``ref``, run :func:`lora2vb` on it with ``options`` (writing
     the model card), and with ``push_to`` upload the result; ``report.pushed`` then says where."""
     # A bad target or missing write access fails before the long part, not after it.
-    url = create_repo(push_to, private=private, token=token) if push_to is not None else None
+    dry = options.get("size") is not None and options["size"].dry_run
+    url = create_repo(push_to, private=private, token=token) if push_to is not None and not dry else None
     report = lora2vb(ref, out, fit, token=token, repo_id=push_to, **options)
-    if push_to is not None:
+    if push_to is not None and not dry:
         report.pushed = push(out, push_to, token=token, url=url)
     return report

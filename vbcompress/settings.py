@@ -140,6 +140,25 @@ class QualitySettings:
 
 
 @dataclass(frozen=True)
+class SizeSettings:
+    """Size first: a byte budget that chooses the bank size N for ``lora2vb`` and ``hub``."""
+
+    max_bytes: int | None = setting(None, "Choose N so that the output's bank and codes fit in this many bytes (overrides -N).", kind=int)
+    target_ratio: float | None = setting(
+        None, "Choose N so that the output is at most this share of the LoRA at fp16, e.g. 0.05 (overrides -N).", kind=float
+    )
+    dry_run: bool = setting(False, "Print bytes, ratio and the plain baselines at a few N without fitting, then stop.")
+
+    def check(self) -> None:
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise SettingError("max_bytes", f"{{setting}} must be positive, not {self.max_bytes}")
+        if self.target_ratio is not None and not 0 < self.target_ratio <= 1:
+            raise SettingError("target_ratio", f"{{setting}} must be in (0, 1], not {self.target_ratio}")
+        if self.max_bytes is not None and self.target_ratio is not None:
+            raise SettingError("target_ratio", "give {setting} or --max-bytes, not both")
+
+
+@dataclass(frozen=True)
 class OutputSettings:
     """How a VB-LoRA adapter is written."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..settings import CalibrationSettings, FitSettings, MergeSettings, OutputSettings, RankSettings
+from ..settings import CalibrationSettings, FitSettings, MergeSettings, OutputSettings, RankSettings, SizeSettings
 from ..units import fmt_bytes
 from .options import (
     base_option,
@@ -74,9 +74,10 @@ def print_inspection(info) -> None:
 
 
 lora2vb_options = stack(
-    click.option("-o", "--out", required=True, help="Output directory (a PEFT VB-LoRA adapter, vbcompress.json and a model card)."),
+    click.option("-o", "--out", default=None, help="Output directory (a PEFT VB-LoRA adapter, vbcompress.json and a model card)."),
     settings_options(FitSettings, "fit", skip=("code_refine_steps",)),
     settings_options(OutputSettings, "output"),
+    settings_options(SizeSettings, "size"),
     base_option,
     texts_option,
     settings_options(CalibrationSettings, "calibration"),
@@ -89,10 +90,34 @@ lora2vb_options = stack(
 
 def run_lora2vb(run, src: str, out: str, fmt: str | None, as_json: bool, **options):
     """Call ``run`` (lora2vb or compress_from_hub) with a progress bar unless --json; print the report."""
+    if options["size"].dry_run:
+        report = run(src, out, format=fmt, **options)
+        Sink(as_json).result(report, print_dry_run)
+        return report
     with closing(None if as_json else progress_bar()) as bar:
         report = run(src, out, format=fmt, progress=bar, **options)
     Sink(as_json).result(report, lambda r: print_lora2vb_report(r, out))
     return report
+
+
+def print_dry_run(report) -> None:
+    click.echo(
+        f"{report.source}: L={report.vector_length}, k={report.topk}, r={report.rank}; the LoRA at fp16 is {fmt_bytes(report.source_fp16_bytes)}"
+    )
+    rows = [
+        [
+            row.num_vectors,
+            fmt_bytes(row.bytes),
+            f"{row.ratio:.1%}",
+            row.plain.name if row.plain else "nothing fits",
+            fmt_num(row.plain.rel_error if row.plain else None, ".3f"),
+        ]
+        for row in report.rows
+    ]
+    print_table(["N", "bytes", "of fp16", "best plain in these bytes", "its ΔW error"], rows)
+    if report.chosen:
+        click.echo(f"\nthe byte budget chooses N={report.chosen}")
+    click.echo("nothing was fitted or written; to be worth its bytes, a bank must keep more than the plain figure at its N")
 
 
 def print_lora2vb_report(report, out: str) -> None:

@@ -290,3 +290,43 @@ def test_each_adapter_weighs_equally_so_a_large_one_cannot_swallow_the_bank(fami
     coll = Collection(tmp_path / "c")
     quiet, large = coll.entry("minilm-l6-bias-st").rel_error, coll.entry("loud").rel_error
     assert quiet < 1.5 * large and large < 1.5 * quiet
+
+
+def test_removing_the_first_or_a_middle_adapter_keeps_exactly_the_others(family, tmp_path):
+    root = tmp_path / "c"
+    pack([family["real"], family["sibling"], family["cousin"]], root, FAST, names=["a", "b", "c"], quality=BANK_ONLY)
+    before = {n: Collection(root).adapter(n).delta_weights() for n in ("a", "b", "c")}
+    remove(root, ["b"])
+    assert Collection(root).names == ["a", "c"] and sorted(p.name for p in (root / "adapters").iterdir()) == ["a", "c"]
+    remove(root, ["a"])
+    coll = Collection(root)
+    assert coll.names == ["c"] and [p.name for p in (root / "adapters").iterdir()] == ["c"]
+    for name, delta in coll.adapter("c").delta_weights().items():
+        torch.testing.assert_close(delta, before["c"][name])
+
+
+def test_an_add_against_a_bank_that_no_longer_matches_its_hash_writes_nothing(packed, family, tmp_path):
+    for workers in (1, 2):
+        root = fresh_copy(packed, tmp_path / f"w{workers}")
+        bank = Collection(root).bank.clone()
+        bank[0] += 1  # a bank swapped behind the manifest: codes fitted to it would decode wrong everywhere
+        save_file({"bank": bank}, root / "bank.safetensors")
+        before = digest(root)
+        with pytest.raises(FormatError, match="not the bank this collection's codes were fitted to"):
+            add(root, [family["cousin"]], fit=FAST, workers=workers)
+        assert digest(root) == before
+
+
+def test_readding_a_source_whose_weights_changed_fails_as_changed_not_skipped(packed, family, tmp_path):
+    root = fresh_copy(packed, tmp_path)
+    src = tmp_path / "evolving"
+    shutil.copytree(family["cousin"], src)
+    add(root, [src], fit=FAST)
+    again = add(root, [src], fit=FAST)
+    assert again.skipped == [str(src)] and not again.added
+    changed = load_adapter(src)
+    for m in changed.modules.values():
+        m.B = m.B * 1.5
+    write_peft_lora(changed, src)
+    with pytest.raises(SettingError, match="its weights changed since it was added"):
+        add(root, [src], fit=FAST)

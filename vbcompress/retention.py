@@ -71,41 +71,58 @@ class Probe:
         cos = torch.nn.functional.cosine_similarity(f["cand"], f["ref"], dim=-1).mean()
         return Retention(effect_retention=float(1 - gap / effect) if effect > 0 else None, mean_cosine=float(cos), samples=self.samples)
 
+    def _chunks(self, outs: list[torch.Tensor] | None):
+        """Per chunk of real tokens: (teacher log-probs, base's or candidate's hidden states, targets, valid)."""
+        for i, batch in enumerate(self.batches):
+            mask = batch["attention_mask"]
+            # the token each position predicts, where that next token is real text
+            nxt = torch.cat([batch["input_ids"][:, 1:], batch["input_ids"][:, :1]], 1)
+            has_next = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1).bool() & mask.bool()
+            target, valid = real_positions(nxt, mask), real_positions(has_next, mask)
+            other = self.plain[i] if outs is None else outs[i]
+            for c in range(0, len(target), CHUNK_TOKENS):
+                t = torch.log_softmax(self.base.logits(self.ref[i][c : c + CHUNK_TOKENS]), -1)
+                yield t, other[c : c + CHUNK_TOKENS], target[c : c + CHUNK_TOKENS], valid[c : c + CHUNK_TOKENS]
+
+    def _lm_reference(self) -> dict:
+        """What does not depend on the candidate (KL and agreement of the base, perplexities), computed once."""
+        if getattr(self, "_reference", None) is None:
+            sums = {"kl_base": 0.0, "agree_base": 0.0, "nll_base": 0.0, "nll_teacher": 0.0, "tokens": 0, "predicted": 0}
+            with torch.no_grad():
+                for t, h, tg, ok in self._chunks(None):
+                    b = torch.log_softmax(self.base.logits(h), -1)
+                    sums["kl_base"] += float((t.exp() * (t - b)).sum())
+                    sums["agree_base"] += float((t.argmax(-1) == b.argmax(-1)).sum())
+                    sums["nll_base"] -= float(b.gather(1, tg[:, None])[:, 0][ok].sum())
+                    sums["nll_teacher"] -= float(t.gather(1, tg[:, None])[:, 0][ok].sum())
+                    sums["tokens"] += len(tg)
+                    sums["predicted"] += int(ok.sum())
+            self._reference = sums
+        return self._reference
+
     def _lm(self, outs: list[torch.Tensor]) -> Retention:
         """Causal LMs: KL retention, top-1 agreement and perplexities over every real token, with logits
-        formed :data:`CHUNK_TOKENS` positions at a time."""
-        kl_cand = kl_base = agree = agree_base = tokens = 0.0
-        nll = {"base": 0.0, "teacher": 0.0, "candidate": 0.0}
-        predicted = 0
+        formed :data:`CHUNK_TOKENS` positions at a time (the teacher's and the candidate's: the base's figures
+        are computed once per probe)."""
+        ref = self._lm_reference()
+        kl_cand = agree = nll_cand = 0.0
         with torch.no_grad():
-            for batch, h_base, h_ref, h_cand in zip(self.batches, self.plain, self.ref, outs):
-                mask = batch["attention_mask"]
-                # the token each position predicts, where that next token is real text
-                nxt = torch.cat([batch["input_ids"][:, 1:], batch["input_ids"][:, :1]], 1)
-                has_next = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1).bool() & mask.bool()
-                hs = {"base": h_base, "teacher": h_ref, "candidate": h_cand}
-                target, valid = real_positions(nxt, mask), real_positions(has_next, mask)
-                for c in range(0, len(target), CHUNK_TOKENS):
-                    lp = {k: torch.log_softmax(self.base.logits(h[c : c + CHUNK_TOKENS]), -1) for k, h in hs.items()}
-                    t = lp["teacher"]
-                    kl_cand += float((t.exp() * (t - lp["candidate"])).sum())
-                    kl_base += float((t.exp() * (t - lp["base"])).sum())
-                    agree += float((t.argmax(-1) == lp["candidate"].argmax(-1)).sum())
-                    agree_base += float((t.argmax(-1) == lp["base"].argmax(-1)).sum())
-                    tg, ok = target[c : c + CHUNK_TOKENS], valid[c : c + CHUNK_TOKENS]
-                    for k in nll:
-                        nll[k] -= float(lp[k].gather(1, tg[:, None])[:, 0][ok].sum())
-                    predicted += int(ok.sum())
-                tokens += len(target)
+            for t, h, tg, ok in self._chunks(outs):
+                c = torch.log_softmax(self.base.logits(h), -1)
+                kl_cand += float((t.exp() * (t - c)).sum())
+                agree += float((t.argmax(-1) == c.argmax(-1)).sum())
+                nll_cand -= float(c.gather(1, tg[:, None])[:, 0][ok].sum())
+        tokens, predicted = ref["tokens"], ref["predicted"]
+        nll = {"base": ref["nll_base"], "teacher": ref["nll_teacher"], "candidate": nll_cand}
         return Retention(
             effect_retention=None,
             mean_cosine=None,
             samples=self.samples,
-            kl_retention=1 - kl_cand / kl_base if kl_base > 0 else None,
+            kl_retention=1 - kl_cand / ref["kl_base"] if ref["kl_base"] > 0 else None,
             top1_agreement=agree / tokens if tokens else None,
             perplexity={k: math.exp(v / predicted) for k, v in nll.items()} if predicted else None,
             tokens=int(tokens),
-            base_top1_agreement=agree_base / tokens if tokens else None,
+            base_top1_agreement=ref["agree_base"] / tokens if tokens else None,
         )
 
 

@@ -52,6 +52,10 @@ def print_collection(info) -> None:
         f"\ntotal:       {fmt_bytes(info.total_bytes)} for {len(rows)} adapter(s) = {ratio} of the sources at fp16 "
         f"({fmt_bytes(info.sources_fp16_bytes)}); {fmt_bytes(info.disk_bytes)} on disk"
     )
+    for name, e in info.entries.items():
+        v = e.verdict
+        if v is not None and (v["kind"] == "plain" or v["keeps"] != "much"):
+            click.echo(f"warning: {shown(name)}: {shown(v['line'])}")
     if info.unlisted:
         click.echo(f"note: adapters/ also holds {', '.join(map(shown, info.unlisted))}, which the manifest does not name (left alone)")
 

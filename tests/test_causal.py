@@ -67,6 +67,37 @@ def test_top_k_target_over_the_whole_vocabulary_is_the_exact_kl(tiny):
     assert float(four.loss(batch, four.target(batch), student)) != pytest.approx(float(e), rel=1e-2)
 
 
+@pytest.mark.parametrize("k", [0, 4, 96])
+def test_the_kl_loss_is_zero_at_the_teacher_and_positive_away_from_it(tiny, k):
+    base_dir, lora = tiny
+    adapter = load_adapter(lora)
+    base = Base(base_dir, adapter)
+    teacher = adapter.delta_weights()
+    batch = base.encode(WORDS, 16)
+    loss = TokenKL(base, teacher, k)
+    target = loss.target(batch)
+    assert abs(float(loss.loss(batch, target, teacher))) < 1e-5  # float32 rounding of the same logits
+    assert float(loss.loss(batch, target, {})) > 1e-4  # the adapter's measured effect is there to be learned
+
+
+def test_causal_calibration_runs_end_to_end_and_keeps_more_on_held_out_text(tiny, tmp_path):
+    base_dir, lora = tiny
+    texts = tmp_path / "calib.txt"
+    texts.write_text("\n".join(f"w{i} w{i + 1} w{i + 2} w{i + 3} w{i + 5} w{i + 8}" for i in range(60)))
+    report = lora2vb(
+        lora,
+        tmp_path / "o",
+        FitSettings(num_vectors=16, vector_length=32, iters=2, refine_steps=10),
+        base=base_dir,
+        texts=texts,
+        calibration=CalibrationSettings(steps=30, samples=48, batch_size=8, max_length=16),
+    )
+    cal = report.calibration
+    assert cal.objective == "top-64 KL" and cal.heldout_samples == 6
+    assert cal.retention_after.kl_retention > cal.retention_before.kl_retention
+    assert report.verdict is not None and report.verdict.retention is not None
+
+
 def test_lm_retention_of_the_adapter_and_of_nothing(tiny):
     base_dir, lora = tiny
     adapter = load_adapter(lora)

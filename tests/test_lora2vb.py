@@ -94,11 +94,20 @@ def test_same_seed_gives_byte_identical_output(tmp_path):
     assert digest(tmp_path / "c")["adapter_model.safetensors"] != digest(tmp_path / "a")["adapter_model.safetensors"]
 
 
-@pytest.mark.parametrize("num_vectors, dtype", [(64, torch.uint8), (300, torch.int16)])
+@pytest.mark.parametrize("num_vectors, dtype", [(64, torch.uint8), (255, torch.uint8), (256, torch.int16), (300, torch.int16)])
 def test_index_dtype_follows_bank_size(tmp_path, num_vectors, dtype):
     lora2vb(MINILM_ADAPTER, tmp_path / "o", FitSettings(num_vectors=num_vectors, vector_length=64, **FAST))
     with safe_open(str(tmp_path / "o" / "adapter_model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys() if k.endswith("_topk_indices")} == {dtype}
+
+
+def test_peft_reads_the_default_bank_size_with_our_delta_weights(tmp_path):
+    """N=256, the default: PEFT's layout moves to int16 indices exactly there, and PEFT must decode it as we do."""
+    lora2vb(MINILM_ADAPTER, tmp_path / "o", FitSettings(num_vectors=256, vector_length=128, **FAST))
+    ours = load_adapter(tmp_path / "o")
+    theirs = peft_delta_weights(tmp_path / "o", ours)
+    for name, m in ours.modules.items():
+        torch.testing.assert_close(m.delta_weight(), theirs[name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("topk", [1, 3])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .errors import FormatError, ShapeError, VBCompressError, listed
+from .errors import FormatError, ShapeError, VBCompressError, listed, requires
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -55,7 +55,10 @@ class Base:
     """
 
     def __init__(self, base: str | Path, adapter: Adapter, device: str = "cpu"):
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+        requires("peft", "models", "a base model (calibration, eval --base)")
+        transformers = requires("transformers", "models", "a base model (calibration, eval --base)")
+        AutoConfig, AutoModel = transformers.AutoConfig, transformers.AutoModel
+        AutoModelForCausalLM, AutoTokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
 
         base = Path(base)
         try:

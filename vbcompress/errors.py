@@ -59,6 +59,23 @@ class HubError(VBCompressError):
     """The Hugging Face Hub could not give what was asked for."""
 
 
+class MissingExtra(SettingError):
+    """An optional dependency the asked-for feature needs is not installed."""
+
+    def __init__(self, module: str, extra: str, feature: str):
+        super().__init__("base", f"{feature} needs {module}, which is not installed: pip install 'vbcompress[{extra}]'")
+
+
+def requires(module: str, extra: str, feature: str):
+    """Import ``module`` for ``feature``, or raise :class:`MissingExtra` naming the extra that brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(module, extra, feature) from None
+
+
 def shown(text: str) -> str:
     """``text`` safe for one terminal line: control characters (newlines, escape sequences) written as
     escapes, so a hostile name can neither split a message nor drive the terminal."""

@@ -99,7 +99,9 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
                 raise FormatError(path, "PyTorch file with compressed tensor data (torch.save never writes that): refused")
             total = sum(i.file_size for i in data)
     except zipfile.BadZipFile:
-        raise FormatError(path, "not a PyTorch weights file (not a zip archive; pre-1.6 pickles are not read)") from None
+        raise FormatError(
+            path, f"{what_it_is(path)}, not adapter weights: give the adapter's folder or its .safetensors / .bin file"
+        ) from None
     if total > PICKLE_EXPANSION * size + (1 << 20):
         raise FormatError(path, f"PyTorch file declares {total} bytes of tensors in a {size}-byte file: refused")
     try:
@@ -118,6 +120,16 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     if needed > PICKLE_EXPANSION * size + (1 << 20):
         raise FormatError(path, f"tensors need {needed} bytes from a {size}-byte file (views sharing storage): refused")
     return {k: t.clone() for k, t in state.items()}  # own memory, not the mapped file
+
+
+def what_it_is(path: Path) -> str:
+    """A few words on what a file that is not weights seems to be, from its name and first bytes."""
+    head = path.read_bytes()[:64] if path.stat().st_size else b""
+    if path.suffix == ".json" or head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON file" + (" (an adapter's config)" if path.name == "adapter_config.json" else "")
+    if path.suffix in (".md", ".txt") or (head and all(32 <= c < 127 or c in (9, 10, 13) for c in head)):
+        return "a text file"
+    return "not a PyTorch weights file (not a zip archive; pre-1.6 pickles are not read)"
 
 
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

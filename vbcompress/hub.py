@@ -40,8 +40,13 @@ def parse_ref(text: str) -> HubRef | None:
 
 
 def is_hub_ref(source: str | Path) -> bool:
-    """True if ``source`` is not an existing local path but reads as a Hub id."""
-    return not Path(source).exists() and isinstance(source, str) and parse_ref(source) is not None
+    """True if ``source`` is not an existing local path but reads as a Hub id. A path that looks local (it
+    starts with ``.``, ``/`` or ``~``, or its first folder exists here) is never tried on the Hub: a typo
+    there is "no such file", not a network error."""
+    if not isinstance(source, str) or Path(source).exists() or parse_ref(source) is None:
+        return False
+    first = source.split("/", 1)[0]
+    return not (source.startswith((".", "/", "~")) or Path(first).is_dir())
 
 
 @dataclass(frozen=True)

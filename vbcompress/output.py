@@ -82,13 +82,16 @@ class OutputTarget:
             if not out.is_dir() or out.is_symlink():
                 raise OutputError(self.out, "output exists and is not a folder")
             if any(out.iterdir()):
-                if not overwrite:
-                    raise OutputError(self.out, "output exists and is not empty (use {setting} to replace it)", setting="overwrite")
-                if not any((out / m).is_file() for m in MARKERS):
+                ours = any((out / m).is_file() for m in MARKERS)
+                if not overwrite and ours:
+                    raise OutputError(
+                        self.out, "output exists: an earlier vbcompress output (use {setting} to replace it)", setting="overwrite"
+                    )
+                if not ours:
                     raise OutputError(
                         self.out,
                         f"output exists and is not a vbcompress output (no {REPORT_FILE}): "
-                        "replacing it would delete files vbcompress did not write; choose another folder",
+                        "vbcompress never replaces files it did not write; choose another folder",
                     )
         try:
             parent.mkdir(parents=True, exist_ok=True)

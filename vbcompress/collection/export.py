@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..dense import truncate
-from ..errors import SettingError
+from ..errors import SettingError, requires
 from ..files import CAST_DTYPES, REPORT_FILE, write_json
 from ..formats import check_dense_format, family_of, write_dense, write_vblora
 from ..output import atomic_output_dir
@@ -86,8 +86,7 @@ class Collection(Store):
     def load_peft(self, model, names: list[str]):
         """Load the named adapters into one PEFT model (switch with ``set_adapter``), holding the bank
         tensor once: every adapter's ``vblora_vector_bank`` entry is the same Parameter."""
-        from peft import PeftModel
-
+        PeftModel = requires("peft", "models", "load_peft").PeftModel
         if not names:
             raise SettingError("names", "name at least one adapter to load", where=self.path)
         factors = [n for n in names if self.entry(n).codec != "bank"]

@@ -1,0 +1,60 @@
+"""What a newcomer sees in the first hour: errors that say what to do, and hints only where they work."""
+
+from __future__ import annotations
+
+import sys
+
+from click.testing import CliRunner
+
+from vbcompress.cli import main
+
+from .conftest import MINILM_ADAPTER
+
+FAST = ("-N", 16, "--iters", 1, "--refine-steps", 0)
+
+
+def cli(*args, **kw):
+    return CliRunner().invoke(main, [str(a) for a in args], **kw)
+
+
+def test_overwrite_is_offered_only_where_it_would_work(tmp_path):
+    first = cli("lora2vb", MINILM_ADAPTER, "-o", tmp_path / "o", *FAST)
+    assert first.exit_code == 0, first.output
+    again = cli("lora2vb", MINILM_ADAPTER, "-o", tmp_path / "o", *FAST)
+    assert again.exit_code == 2 and "--overwrite" in again.stderr and "earlier vbcompress output" in again.stderr
+    assert cli("lora2vb", MINILM_ADAPTER, "-o", tmp_path / "o", "--overwrite", *FAST).exit_code == 0
+
+
+def test_a_config_or_a_readme_given_as_weights_says_what_it_is(tmp_path):
+    for name, text, said in (
+        ("adapter_config.json", '{"r": 8}', "a JSON file (an adapter's config), not adapter weights"),
+        ("README.md", "# my adapter\n", "a text file, not adapter weights"),
+    ):
+        (tmp_path / name).write_text(text)
+        result = cli("inspect", tmp_path / name)
+        assert result.exit_code == 2 and said in result.stderr and "folder" in result.stderr
+
+
+def test_a_missing_local_looking_path_is_no_such_file_not_a_hub_error(tmp_path, monkeypatch):
+    (tmp_path / "adapters").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for given in ("adapters/typo", "./typo/x", "../nowhere/x"):
+        result = cli("inspect", given)
+        assert result.exit_code == 2 and "no such file" in result.stderr and "Hub" not in result.stderr, (given, result.stderr)
+
+
+def test_a_missing_optional_dependency_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    (tmp_path / "base").mkdir()
+    result = cli("lora2vb", MINILM_ADAPTER, "-o", tmp_path / "o", "--base", tmp_path / "base", *FAST)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "pip install 'vbcompress[models]'" in result.stderr
+
+
+def test_help_does_not_load_torch():
+    import subprocess
+
+    code = "import sys; from vbcompress.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip().endswith("False"), out.stdout

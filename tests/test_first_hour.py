@@ -58,3 +58,13 @@ def test_help_does_not_load_torch():
     code = "import sys; from vbcompress.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip().endswith("False"), out.stdout
+
+
+def test_overwrite_never_replaces_a_plain_peft_adapter_folder(tmp_path):
+    import shutil
+
+    shutil.copytree(MINILM_ADAPTER, tmp_path / "someones-lora")  # adapter_config.json at the top, no vbcompress.json
+    before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "someones-lora").iterdir())
+    result = cli("lora2vb", MINILM_ADAPTER, "-o", tmp_path / "someones-lora", "--overwrite", *FAST)
+    assert result.exit_code == 2 and "not a vbcompress output" in result.stderr
+    assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "someones-lora").iterdir()) == before

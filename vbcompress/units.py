@@ -1,4 +1,4 @@
-"""Sizes for people (kept free of torch, so the command line starts fast)."""
+"""Sizes and representations in words, for people (kept free of torch, so the command line starts fast)."""
 
 from __future__ import annotations
 
@@ -12,3 +12,10 @@ def fmt_bytes(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return str(n)
+
+
+def held_name(codec: str, rank: int, bits: int | None) -> str:
+    """How an adapter is held: ``bank codes r=2``, ``int4 factors r=1``, ``fp16 factors r=8``."""
+    if codec == "bank":
+        return f"bank codes r={rank}"
+    return f"{'fp16' if bits == 16 else f'int{bits}'} factors r={rank}"

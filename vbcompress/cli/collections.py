@@ -8,7 +8,7 @@ import click
 
 from ..errors import FormatError, shown
 from ..settings import CalibrationSettings, FitSettings, OutputSettings, QualitySettings, RankSettings
-from ..units import fmt_bytes
+from ..units import fmt_bytes, held_name
 from .options import (
     flag_of,
     format_option,
@@ -61,9 +61,7 @@ def print_collection(info) -> None:
 
 
 def describe(t: dict) -> str:
-    if t["codec"] == "bank":
-        return f"bank codes r={t['rank']}"
-    return f"{'fp16' if t['bits'] == 16 else 'int' + str(t['bits'])} factors r={t['rank']}"
+    return held_name(t["codec"], t["rank"], t["bits"])
 
 
 def kept(t: dict) -> str:

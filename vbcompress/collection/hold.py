@@ -32,6 +32,7 @@ from ..linalg import balanced, delta_sq_error, gram_sq_norm
 from ..metrics import measure
 from ..retention import Probe
 from ..settings import QualitySettings
+from ..units import held_name
 from ..verdict import Verdict, best_plain
 from ..verdict import judge as verdict_of
 
@@ -252,10 +253,7 @@ def choose(
 
 
 def describe(t: Tried) -> str:
-    """``bank codes r=2`` / ``int4 factors r=1`` / ``fp16 factors r=8``."""
-    if t.codec == "bank":
-        return f"bank codes r={t.rank}"
-    return f"{'fp16' if t.bits == 16 else f'int{t.bits}'} factors r={t.rank}"
+    return held_name(t.codec, t.rank, t.bits)
 
 
 def keeps(t: Tried) -> str:

@@ -41,6 +41,7 @@ from ..files import COLLECTION_LOCK, MANIFEST_FILE, read_json, replace_json, sav
 from ..files import check_safetensors as check_tensor_file
 from ..output import default_permissions, exclusive_lock
 from ..settings import FitSettings
+from ..units import held_name
 from ..version import __version__
 from .schema import HEX64, NAME, Fields, check_name, check_settings, check_table, entry_fields
 
@@ -100,9 +101,7 @@ class Entry:
     @property
     def held_as(self) -> str:
         """``bank codes r=2`` / ``int4 factors r=1``: how the collection holds it, in words."""
-        if self.codec == "bank":
-            return f"bank codes r={self.rank}"
-        return f"{'fp16' if self.bits == 16 else f'int{self.bits}'} factors r={self.rank}"
+        return held_name(self.codec, self.rank, self.bits)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from .adapter import Adapter
 from .bank.calibrate import CalibrationReport, calibrate, heldout_split
 from .bank.fit import FitResult
 from .bank.pipeline import calibration_texts, fit_settings_for, run_fit
-from .baselines import truncated_factors, truncation
+from .baselines import truncation
 from .basemodel import Base
 from .card import model_card, source_metadata
 from .codec.layout import VectorBank, canonical_code
@@ -199,9 +199,7 @@ def verdict_on(source: Adapter, written: Adapter, stored: int, rel_error: float 
     if probe is not None:
         retention = probe.measure(written.delta_weights()).headline
         if plain is not None:
-            factors = {n: truncated_factors(m, min(plain.rank, m.r), plain.bits) for n, m in source.modules.items()}
-            deltas = {n: replace(source.modules[n], B=b, A=a, scale=1.0).delta_weight() for n, (b, a) in factors.items()}
-            plain.retention = probe.measure(deltas).headline
+            plain.retention = probe.measure(plain.deltas(source.modules)).headline
     return judge("this VB-LoRA adapter", source.modules.values(), stored, rel_error, retention, plain, src)
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .baselines import truncated_factors
 from .basemodel import Base, read_texts
 from .errors import SettingError
 from .formats import load_adapter
@@ -63,10 +62,7 @@ def evaluate(
         probe = Probe(model, texts, reference.delta_weights(), max_length)
         report.function = probe.measure(candidate.delta_weights())
         if plain is not None:
-            factors = {n: truncated_factors(m, min(plain.rank, m.r), plain.bits) for n, m in reference.modules.items()}
-            plain.retention = probe.measure(
-                {n: replace(reference.modules[n], B=b, A=a, scale=1.0).delta_weight() for n, (b, a) in factors.items()}
-            ).headline
+            plain.retention = probe.measure(plain.deltas(reference.modules)).headline
     kept = report.function.headline if report.function is not None else None
     report.verdict = judge("CAND", reference.modules.values(), report.sizes.cand_bytes, report.delta.total_rel_error, kept, plain, str(ref))
     return report

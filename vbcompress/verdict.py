@@ -6,10 +6,12 @@ says so first, names it, and gives the command that writes it."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+import torch
 
 from .adapter import LoraModule
-from .baselines import truncation
+from .baselines import truncated_factors, truncation
 
 # One set of thresholds for every command. ΔW error at or above KEEPS_NOTHING keeps almost nothing (1.0 is an
 # empty adapter); at or above KEEPS_LITTLE, little. Retention below RETAINS_NOTHING / RETAINS_LITTLE likewise.
@@ -31,6 +33,14 @@ class Plain:
     @property
     def name(self) -> str:
         return f"{'fp16' if self.bits == 16 else f'int{self.bits}'} factors of rank {self.rank}"
+
+    def deltas(self, modules: dict[str, LoraModule]) -> dict[str, torch.Tensor]:
+        """Module → ΔW of ``modules`` held this way (in the base weight's layout), to measure its retention."""
+        out = {}
+        for name, m in modules.items():
+            b, a = truncated_factors(m, min(self.rank, m.r), self.bits)
+            out[name] = replace(m, B=b, A=a, scale=1.0).delta_weight()
+        return out
 
 
 @dataclass

@@ -98,3 +98,53 @@ def test_legacy_to_out_processor_adapts_the_first_output_projection(tmp_path):
     ours = load_adapter(tmp_path / "l.safetensors")
     assert list(ours.modules) == [f"{block}.to_out.0"]
     torch.testing.assert_close(ours.modules[f"{block}.to_out.0"].delta_weight(), up @ down)
+
+
+# diffusers' converter names a text encoder's attention LoRA after the UNet's processors.
+TEXT_ENCODER_NAMES = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
+
+
+def test_sdxl_kohya_reads_and_writes_both_text_encoders_as_diffusers_does(tmp_path):
+    """SDXL kohya files adapt two text encoders (`lora_te1_`, `lora_te2_`): each module must land on its own
+    encoder with diffusers' ΔW, and every output format must keep text encoder 2's modules as its own."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
+    from safetensors.torch import load_file
+
+    from vbcompress.formats import write_dense
+    from vbcompress.formats.kohya import dotted_name
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for prefix, path, alpha in [
+        ("lora_te1_", "text_model_encoder_layers_0_self_attn_q_proj", 2.0),
+        ("lora_te2_", "text_model_encoder_layers_1_self_attn_v_proj", 8.0),
+        ("lora_te2_", "text_model_encoder_layers_0_self_attn_k_proj", 1.0),
+        ("lora_unet_", "down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", 4.0),
+    ]:
+        tensors[f"{prefix}{path}.lora_down.weight"] = torch.randn(4, 64, generator=gen)
+        tensors[f"{prefix}{path}.lora_up.weight"] = torch.randn(64, 4, generator=gen)
+        tensors[f"{prefix}{path}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, tmp_path / "sdxl.safetensors")
+
+    state, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(load_file(tmp_path / "sdxl.safetensors"))[:2]
+    theirs = {}
+    for key, down in state.items():
+        if key.endswith(".down.weight"):
+            component, rest = key.split(".", 1)
+            *path, leaf = rest.removesuffix(".down.weight").replace(".processor.", ".").split(".")
+            leaf = TEXT_ENCODER_NAMES[leaf] if component.startswith("text_encoder") else leaf.removesuffix("_lora")
+            up = state[key.replace(".down.weight", ".up.weight")]
+            theirs[(component, ".".join([*path, leaf]))] = alphas[key + ".alpha"] / down.shape[0] * up @ down
+    assert {c for c, _ in theirs} == {"text_encoder", "text_encoder_2", "unet"}
+
+    ours = load_adapter(tmp_path / "sdxl.safetensors")
+    assert {dotted_name(name) for name in ours.modules} == set(theirs)
+    for name, m in ours.modules.items():
+        torch.testing.assert_close(m.delta_weight(), theirs[dotted_name(name)], rtol=1e-5, atol=1e-6)
+
+    for fmt in ("diffusers", "kohya"):
+        written = load_adapter(write_dense(ours, tmp_path / fmt, fmt))
+        placed = {dotted_name(n) if fmt == "kohya" else tuple(n.split(".", 1)): m for n, m in written.modules.items()}
+        assert set(placed) == set(theirs), fmt
+        for key, m in placed.items():
+            torch.testing.assert_close(m.delta_weight(), theirs[key], rtol=1e-5, atol=1e-6, msg=f"{fmt} {key}")

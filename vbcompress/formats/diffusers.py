@@ -98,7 +98,7 @@ def write_diffusers(adapter: Adapter, file: Path, dtype: torch.dtype | None = No
     Modules of one component (a UNet adapter, as ``save_lora_adapter`` writes it) keep bare module paths
     and carry their PEFT config in the ``lora_adapter_metadata`` header; several components get
     ``unet.`` / ``text_encoder.`` prefixes, as ``save_lora_weights`` writes them (no config: diffusers
-    then takes alpha = r, which is right because our factors carry their scale). Kohya names are spelled
+    then takes alpha = r, so each module's scale is folded into its B). Kohya names are spelled
     as dotted paths first; a module with no dotted path is an error that lists it.
     """
     placed = {n: dotted_name(n) for n in adapter.modules}
@@ -113,7 +113,9 @@ def write_diffusers(adapter: Adapter, file: Path, dtype: torch.dtype | None = No
     renamed = replace(adapter, modules={keys[n]: m for n, m in adapter.modules.items()}, source_format="diffusers", target_modules=None)
     tensors = {}
     for key, m in renamed.modules.items():
-        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = stored_factors(m, dtype)
+        if not bare and m.scale != 1.0:
+            m = replace(m, B=m.B.float() * m.scale, scale=1.0, alpha=None)
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = stored_factors(m, dtype or renamed.modules[key].B.dtype)
     metadata = {"format": "pt"}
     if bare:
         metadata["lora_adapter_metadata"] = json.dumps(lora_config(renamed, renamed.modules), indent=2, sort_keys=True)

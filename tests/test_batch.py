@@ -20,6 +20,8 @@ from vbcompress.errors import FormatError
 
 from .conftest import ADAPTERS, MINILM_ADAPTER
 
+pytestmark = pytest.mark.slow  # worker pools and Ray: the full suite only
+
 FAST = FitSettings(num_vectors=64, vector_length=128, iters=3, refine_steps=10, code_refine_steps=10)
 ENCODE = FitSettings(code_refine_steps=10)
 

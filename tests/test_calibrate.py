@@ -16,6 +16,8 @@ from vbcompress.evaluate import evaluate
 
 from .conftest import MINILM_ADAPTER, MINILM_BASE, REPO, outputs_with_delta
 
+pytestmark = pytest.mark.slow  # calibration on the MiniLM base: the full suite only
+
 CALIBRATION = REPO / "examples" / "text" / "calibration.txt"
 HELDOUT = REPO / "examples" / "text" / "heldout.txt"
 SMALL = dict(num_vectors=32, vector_length=128, iters=5, refine_steps=30)

@@ -24,6 +24,8 @@ from vbcompress.retention import retention
 
 from .conftest import ADAPTERS, REPO, tiny_causal_base, tiny_causal_lora
 
+pytestmark = pytest.mark.slow  # the Gemma base and causal calibration: the full suite only
+
 CALIBRATION = REPO / "examples" / "text" / "calibration.txt"
 HELDOUT = REPO / "examples" / "text" / "heldout.txt"
 GEMMA_ADAPTER = ADAPTERS / "gemma3-270m-attn-r4"

@@ -295,6 +295,7 @@ def test_fuzzed_codes_files_read_or_refuse_cleanly(pristine, tmp_path_factory, f
     read_or_refuse(root)
 
 
+@pytest.mark.slow
 def test_pool_workers_die_with_their_driver(coll, tmp_path):
     psutil = pytest.importorskip("psutil")
     import signal

@@ -64,6 +64,7 @@ def test_agrees_with_peft_convert_to_lora_on_vblora(tmp_path, minilm_vb, rank):
         torch.testing.assert_close(m.delta_weight(), b.float() @ a.float() * lora_config.lora_alpha / lora_config.r, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["minilm-l6-bias-st", "t5-small-summarizer-qv", "gemma3-270m-attn-r4"])
 @pytest.mark.parametrize("rule, threshold", [("sara", 0.8), ("fro", 0.9), ("ratio", 4.0)])
 def test_rank_rules_match_dense_svd_and_report_true_error(tmp_path, name, rule, threshold):

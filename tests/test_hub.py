@@ -25,6 +25,8 @@ from vbcompress.metrics import delta_errors
 from .conftest import ADAPTERS, MINILM_ADAPTER, MINILM_BASE, outputs_with_delta
 from .hubserver import FakeHub, Repo
 
+pytestmark = pytest.mark.slow  # a fake Hub in subprocesses: the full suite only
+
 TOKEN = "hf_test_token"
 FAST = ["-N", "32", "--iters", "3", "--refine-steps", "20"]
 

@@ -16,6 +16,8 @@ from vbcompress.errors import ShapeError
 
 from .conftest import ADAPTERS, MINILM_ADAPTER, skeleton_model
 
+pytestmark = pytest.mark.slow  # diffusers and kohya round trips: the full suite only
+
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the reference here (pip install -e '.[test]')")
 SD = ADAPTERS / "sd15-unet-anime-diffusers"
 

@@ -137,6 +137,7 @@ def test_every_command_output_can_be_overwritten_by_the_same_command(src, tmp_pa
         assert again.exit_code == 0, again.output
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_run_leaves_nothing_behind(src, tmp_path):
     import signal
     import subprocess

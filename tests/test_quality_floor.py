@@ -65,6 +65,7 @@ def test_the_default_floor_keeps_half_of_every_adapter(collection, stranger, tmp
     assert entry.floor == "ΔW error ≤ 0.5" and entry.rel_error <= 0.5
 
 
+@pytest.mark.slow
 def test_the_floor_is_met_in_no_more_bytes_than_plain_truncation_needs(collection, tmp_path):
     source = load_adapter(ADAPTERS / "minilm-l6-contract-r4")
     root = copy_of(collection, tmp_path)

@@ -35,6 +35,7 @@ def lora2vb(src, out, *args):
 FAST = ("--iters", 3, "--refine-steps", 20)
 
 
+@pytest.mark.slow
 def test_int4_factors_win_and_the_command_that_writes_them_is_named(tmp_path):
     src = ADAPTERS / "gemma3-270m-attn-r4"
     text, report = lora2vb(src, tmp_path / "o", "-N", 256, "-L", 128, *FAST)
@@ -92,6 +93,7 @@ def test_an_output_that_keeps_nothing_says_so_when_nothing_plain_fits_either(tmp
     assert "warning: this VB-LoRA adapter keeps almost nothing of the adapter" in text
 
 
+@pytest.mark.slow
 def test_eval_shows_the_base_alone_next_to_the_candidate(tmp_path):
     from .conftest import gemma_dir
 

@@ -14,6 +14,9 @@ from ..files import CAST_DTYPES, REPORT_FILE, write_json
 from ..formats import check_dense_format, family_of, write_dense, write_vblora
 from ..output import atomic_output_dir
 from ..settings import RankSettings
+from .compact import compact_adapter
+from .materialize import Materialized
+from .materialize import materialize as materialize_one
 from .store import Store
 
 
@@ -83,9 +86,31 @@ class Collection(Store):
                 write_json(tmp / REPORT_FILE, {"collection": str(self.path), "unpacked": names, "dense": dense})
         return UnpackReport(collection=str(self.path), names=list(names), paths=written, dense=dense, to=to, written_as=written_as)
 
-    def load_peft(self, model, names: list[str]):
+    def materialize(
+        self,
+        name: str,
+        cache_dir: str | os.PathLike,
+        *,
+        to: str = "peft",
+        max_rank: int | None = None,
+        base_model: str | None = None,
+        cache_bytes: int | None = None,
+        dtype: str = "float32",
+    ) -> Materialized:
+        """Adapter ``name`` as a dense PEFT LoRA folder in the LRU cache ``cache_dir``, for servers that load
+        dense LoRA only: one rank (capped at ``max_rank``), scale folded, ``lora_alpha = r``. See
+        :mod:`vbcompress.collection.materialize`."""
+        if to != "peft":
+            raise SettingError("to", f"materialize writes PEFT LoRA folders (what servers load), not {to!r}")
+        return materialize_one(self, name, cache_dir, max_rank=max_rank, base_model=base_model, cache_bytes=cache_bytes, dtype=dtype)
+
+    def load_peft(self, model, names: list[str], *, compact: bool = False):
         """Load the named adapters into one PEFT model (switch with ``set_adapter``), holding the bank
-        tensor once: every adapter's ``vblora_vector_bank`` entry is the same Parameter."""
+        tensor once: every adapter's ``vblora_vector_bank`` entry is the same Parameter.
+
+        ``compact``: keep each adapter as its top-k logits and indices, not PEFT's full ``[..., N]`` logits
+        (same outputs, a fraction of the memory; inference only, see :mod:`vbcompress.collection.compact`).
+        Each adapter is compacted as soon as it is loaded, so the full logits of one adapter are the peak."""
         PeftModel = requires("peft", "models", "load_peft").PeftModel
         if not names:
             raise SettingError("names", "name at least one adapter to load", where=self.path)
@@ -105,6 +130,8 @@ class Collection(Store):
                     peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
                 else:
                     peft_model.load_adapter(str(path), adapter_name=name)
+                if compact:
+                    compact_adapter(peft_model, name)
         banks = peft_model.base_model.vblora_vector_bank
         shared = banks[names[0]]
         for name in names[1:]:

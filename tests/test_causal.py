@@ -24,8 +24,6 @@ from vbcompress.retention import retention
 
 from .conftest import ADAPTERS, REPO, tiny_causal_base, tiny_causal_lora
 
-pytestmark = pytest.mark.slow  # the Gemma base and causal calibration: the full suite only
-
 CALIBRATION = REPO / "examples" / "text" / "calibration.txt"
 HELDOUT = REPO / "examples" / "text" / "heldout.txt"
 GEMMA_ADAPTER = ADAPTERS / "gemma3-270m-attn-r4"
@@ -168,6 +166,7 @@ def gemma_calibrated(gemma_base, tmp_path_factory):
     return out, lora2vb(GEMMA_ADAPTER, out, GEMMA_FIT, base=gemma_base, calibration=GEMMA_CAL, texts=CALIBRATION)
 
 
+@pytest.mark.slow
 def test_gemma_calibration_keeps_more_of_the_next_token_distribution(gemma_calibrated):
     out, report = gemma_calibrated
     cal = report.calibration
@@ -178,6 +177,7 @@ def test_gemma_calibration_keeps_more_of_the_next_token_distribution(gemma_calib
     assert saved["kl_retention"] == pytest.approx(cal.retention_after.kl_retention) and 0 < saved["top1_agreement"] <= 1
 
 
+@pytest.mark.slow
 def test_gemma_eval_reports_lm_fidelity_on_text_never_calibrated_on(gemma_calibrated, gemma_base, tmp_path):
     out, _ = gemma_calibrated
     data = tmp_path / "held.txt"

@@ -22,7 +22,7 @@ from vbcompress.collection import Collection, add, locked, pack, remove
 from vbcompress.errors import FormatError, OutputError, SettingError, ShapeError
 from vbcompress.metrics import delta_errors
 
-from .conftest import ADAPTERS, MINILM_ADAPTER, outputs_with_delta
+from .conftest import ADAPTERS, MINILM_ADAPTER, outputs_with_delta, peft_delta_weights
 
 FAST = FitSettings(num_vectors=64, vector_length=128, iters=4, refine_steps=30, code_refine_steps=10)
 # The tests of bank-code mechanics (PEFT layout, shared bank, add against a frozen bank) hold every adapter
@@ -330,3 +330,18 @@ def test_readding_a_source_whose_weights_changed_fails_as_changed_not_skipped(pa
     write_peft_lora(changed, src)
     with pytest.raises(SettingError, match="its weights changed since it was added"):
         add(root, [src], fit=FAST)
+
+
+def test_unpack_at_the_default_bank_size_writes_peft_index_layout(family, tmp_path):
+    """N=256, the default: a collection stores indices as uint8 (all fit), but PEFT's own layout moves to int16
+    exactly at 256 and PEFT must decode what unpack writes as the collection does."""
+    fit = FitSettings(num_vectors=256, vector_length=128, iters=2, refine_steps=5, code_refine_steps=5)
+    pack([family["real"]], tmp_path / "c", fit, names=["real"], quality=BANK_ONLY)
+    coll = Collection(tmp_path / "c")
+    coll.unpack(["real"], tmp_path / "u")
+    with safe_open(str(tmp_path / "u" / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if k.endswith("_topk_indices")} == {torch.int16}
+    held = coll.adapter("real")
+    theirs = peft_delta_weights(tmp_path / "u", held)
+    for name, m in held.modules.items():
+        torch.testing.assert_close(theirs[name], m.delta_weight(), rtol=1e-4, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from vbcompress.errors import ShapeError
 from vbcompress.merge import merge
 from vbcompress.metrics import delta_errors
 
-from .conftest import ADAPTERS, MINILM_ADAPTER, MINILM_BASE, skeleton_model
+from .conftest import ADAPTERS, MINILM_ADAPTER, MINILM_BASE, peft_delta_weights, skeleton_model
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +208,45 @@ def test_add_delta_follows_the_weight_to_its_device_and_dtype(tmp_path):
     w = torch.zeros(module.out_features, module.in_features, dtype=torch.float64)
     module.add_delta_(w)
     torch.testing.assert_close(w, module.delta_weight().double(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture
+def rslora(tmp_path):
+    """The MiniLM adapter trained with rsLoRA: scale α/√r (16/√8 ≈ 5.7) where plain LoRA would use α/r (2)."""
+    shutil.copytree(MINILM_ADAPTER, tmp_path / "rs")
+    config = json.loads((tmp_path / "rs" / "adapter_config.json").read_text())
+    (tmp_path / "rs" / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True, "lora_alpha": 16}))
+    return tmp_path / "rs"
+
+
+def peft_deltas_of(folder):
+    return peft_delta_weights(folder, load_adapter(folder))
+
+
+def rel(got: dict, want: dict) -> float:
+    num = sum(float((got[n].float() - want[n].float()).square().sum()) for n in want)
+    return (num / sum(float(w.float().square().sum()) for w in want.values())) ** 0.5
+
+
+def test_rslora_sources_written_back_out_keep_their_delta_in_peft(rslora, tmp_path):
+    """resize, vb2lora and unpack --dense write a config PEFT reads: the rsLoRA scale is applied once, not
+    twice and not dropped (each output is read by PEFT, not by us)."""
+    from vbcompress import QualitySettings
+    from vbcompress.collection import Collection, pack
+
+    want = peft_deltas_of(rslora)
+    assert abs(rel(load_adapter(rslora).delta_weights(), want)) < 1e-6
+
+    to_lora(rslora, tmp_path / "resized")  # every module at its own rank: ΔW reproduced
+    assert rel(peft_deltas_of(tmp_path / "resized"), want) < 1e-5
+
+    lora2vb(rslora, tmp_path / "vb", FitSettings(num_vectors=64, vector_length=128, iters=3, refine_steps=10))
+    vb_in_peft = peft_deltas_of(tmp_path / "vb")
+    to_lora(tmp_path / "vb", tmp_path / "dense")
+    assert rel(peft_deltas_of(tmp_path / "dense"), vb_in_peft) < 1e-5
+
+    pack([rslora], tmp_path / "coll", quality=QualitySettings(max_error=0.05))
+    coll = Collection(tmp_path / "coll")
+    (name,) = coll.names
+    coll.unpack([name], tmp_path / "unpacked", dense=True)
+    assert rel(peft_deltas_of(tmp_path / "unpacked"), want) == pytest.approx(coll.entry(name).rel_error, abs=1e-3)

@@ -57,3 +57,65 @@ def test_vblora_merge_into_conv1d_matches_peft(tiny_gpt2, tmp_path):
     base = tiny_gpt2 / "base"
     lora2vb(tiny_gpt2 / "lora", tmp_path / "vb", FitSettings(num_vectors=32, iters=3, refine_steps=10))
     assert_same_weights(merged_by_us(base, tmp_path / "vb", tmp_path / "m"), merged_by_peft(base, tmp_path / "vb"))
+
+
+@pytest.fixture(scope="module")
+def half_bases(tiny_gpt2):
+    from transformers import GPT2LMHeadModel
+
+    out = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        path = tiny_gpt2 / f"base-{str(dtype).split('.')[-1]}"
+        GPT2LMHeadModel.from_pretrained(tiny_gpt2 / "base", dtype=dtype).save_pretrained(path)
+        out[dtype] = path
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lora_merge_into_a_half_precision_conv1d_base_matches_peft(tiny_gpt2, half_bases, tmp_path, dtype):
+    """Conv1D stores [in, out]; the attention output projection here is square, so a ΔW laid on transposed
+    would still fit the shape. Checked against PEFT's merge on the same half-precision base."""
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    base = half_bases[dtype]
+    merge(base, tiny_gpt2 / "lora", tmp_path / "m")
+    ours = GPT2LMHeadModel.from_pretrained(tmp_path / "m", dtype=dtype).state_dict()
+    theirs = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base, dtype=dtype), str(tiny_gpt2 / "lora"))
+    theirs = theirs.merge_and_unload().state_dict()
+    original = GPT2LMHeadModel.from_pretrained(base, dtype=dtype).state_dict()
+    square = "transformer.h.0.attn.c_proj.weight"
+    assert original[square].shape[0] == original[square].shape[1]
+    for key in theirs:
+        assert ours[key].dtype == dtype, key
+        if key.endswith(("c_attn.weight", "c_proj.weight")):
+            delta = (theirs[key].float() - original[key].float()).abs().max()
+            assert delta > 0.05, key  # the adapter moves the weight well beyond half-precision rounding
+        # one rounding step of the stored dtype: PEFT merges in fp32 and casts, as we do
+        torch.testing.assert_close(ours[key].float(), theirs[key].float(), rtol=1e-2, atol=1e-2, msg=key)
+
+
+def test_a_base_with_overlapping_tensors_is_refused_before_merging(tiny_gpt2, tmp_path):
+    """merge copies raw bytes of the base's tensors: two tensors sharing bytes must be refused, not merged twice."""
+    import json
+    import shutil
+    import struct
+
+    from click.testing import CliRunner
+
+    from vbcompress.cli import main
+
+    bad = tmp_path / "base"
+    shutil.copytree(tiny_gpt2 / "base", bad)
+    raw = (bad / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["transformer.h.1.attn.c_proj.weight"]["data_offsets"] = header["transformer.h.0.attn.c_proj.weight"]["data_offsets"]
+    text = json.dumps(header).encode()
+    (bad / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    result = CliRunner().invoke(main, ["merge", "--base", str(bad), "--adapter", str(tiny_gpt2 / "lora"), "-o", str(tmp_path / "m")])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line and "model.safetensors" in line
+    assert "overlap" in line.split("model.safetensors", 1)[1], line
+    assert not (tmp_path / "m").exists()

@@ -169,3 +169,15 @@ def test_an_output_that_does_not_read_back_is_named_not_the_temp_folder(src, tmp
         lora2vb(src, tmp_path / "out", FAST)
     assert str(error.value).startswith(f"{tmp_path / 'out'}: the output did not read back") and ".tmp-" not in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("command", ["lora2vb", "resize", "pack"])
+def test_overwrite_never_replaces_a_plain_peft_adapter(src, tmp_path, no_fit, command):
+    """Someone's PEFT adapter (adapter_config.json at the top, no vbcompress.json) is never an output to replace."""
+    theirs = tmp_path / "their-adapter"
+    shutil.copytree(MINILM_ADAPTER, theirs)
+    before = digest(theirs)
+    args = {"lora2vb": FAST_ARGS, "resize": ["--rank", "2"], "pack": FAST_ARGS}[command]
+    one_line_error(cli(command, src, "-o", theirs, "--overwrite", *args), "not a vbcompress output", str(theirs.name))
+    assert digest(theirs) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "their-adapter"]

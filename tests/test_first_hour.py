@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from vbcompress.cli import main
 
-from .conftest import MINILM_ADAPTER
+from .conftest import ADAPTERS, MINILM_ADAPTER
 
 FAST = ("-N", 16, "--iters", 1, "--refine-steps", 0)
 
@@ -68,3 +68,36 @@ def test_overwrite_never_replaces_a_plain_peft_adapter_folder(tmp_path):
     result = cli("lora2vb", MINILM_ADAPTER, "-o", tmp_path / "someones-lora", "--overwrite", *FAST)
     assert result.exit_code == 2 and "not a vbcompress output" in result.stderr
     assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "someones-lora").iterdir()) == before
+
+
+def test_an_output_named_safetensors_is_that_one_kohya_file(tmp_path):
+    """`-o out/anime.safetensors --to kohya` writes out/anime.safetensors (what ComfyUI loads), replaces only a
+    file vbcompress wrote, and says so when asked for a folder format under a file name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vbcompress import load_adapter
+
+    src = ADAPTERS / "sd15-unet-anime-diffusers"
+    out = tmp_path / "out" / "anime.safetensors"
+    result = cli("resize", src, "-o", out, "--rank", 2, "--to", "kohya")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["anime.safetensors"] and out.is_file()
+    assert f"wrote {out} (kohya)" in result.output
+    written = load_adapter(out)
+    assert written.source_format == "kohya" and written.ranks == [2]
+    again = cli("resize", src, "-o", out, "--rank", 2)
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+    assert cli("resize", src, "-o", out, "--rank", 3, "--overwrite").exit_code == 0
+    assert load_adapter(out).ranks == [3]
+
+    theirs = tmp_path / "theirs.safetensors"
+    shutil.copy(out, theirs)
+    save_file(load_file(theirs), theirs)  # the same tensors, but not a file vbcompress wrote (no mark in its header)
+    before = theirs.read_bytes()
+    refused = cli("resize", src, "-o", theirs, "--rank", 2, "--overwrite")
+    assert refused.exit_code == 2 and "not a file vbcompress wrote" in refused.stderr and theirs.read_bytes() == before
+    folder_format = cli("resize", src, "-o", tmp_path / "x.safetensors", "--rank", 2, "--to", "peft")
+    assert folder_format.exit_code == 2 and "name a folder" in folder_format.stderr
+    assert not (tmp_path / "x.safetensors").exists()

@@ -19,6 +19,7 @@ from .adapter import Adapter
 from .errors import SettingError
 from .files import CAST_DTYPES, write_json
 from .formats import check_dense_format, family_of, load_adapter, write_dense
+from .formats.kohya import written_by_vbcompress
 from .hub import resolve
 from .linalg import low_rank_svd
 from .output import claim_output
@@ -119,12 +120,16 @@ def to_lora(
 ) -> DenseReport:
     """Convert the adapter at ``src`` (a path or Hub id) to a dense LoRA in ``out``, written as ``to``
     (``peft``, ``kohya`` or ``diffusers``; default: the source's own family, PEFT for anything else);
-    returns (and writes) the report."""
+    returns (and writes) the report. An ``out`` ending in ``.safetensors`` is one kohya file, as ComfyUI
+    and A1111 load it (no report file beside it: the report is returned)."""
     settings = settings or RankSettings()
     check_dense_format(to)
+    as_file = Path(out).suffix == ".safetensors"
+    if as_file and to not in (None, "kohya"):
+        raise SettingError("to", f"an output named *.safetensors is one kohya file, not {to}: name a folder for {{setting}} {to}")
     got = resolve(src, "adapter", token=token)
-    with claim_output(out, overwrite, inputs=(got.path,)) as target:
-        return _to_lora(src, got.path, target, rank, settings, format, to)
+    with claim_output(out, overwrite, inputs=(got.path,), ours=written_by_vbcompress if as_file else None) as target:
+        return _to_lora(src, got.path, target, rank, settings, format, "kohya" if as_file else to)
 
 
 def _to_lora(src, path: Path, target, rank, settings: RankSettings, format, to) -> DenseReport:
@@ -146,8 +151,10 @@ def _to_lora(src, path: Path, target, rank, settings: RankSettings, format, to) 
         written_format=to,
     )
     with target.write() as tmp:
-        file = write_dense(lora, tmp, to, dtype=CAST_DTYPES[settings.dtype], name=target.out.name)
+        name = target.out.stem if target.single_file else target.out.name
+        file = write_dense(lora, tmp, to, dtype=CAST_DTYPES[settings.dtype], name=name)
         report.file = file.name
         report.bytes_after = target.read_back(load_adapter, tmp).stored_bytes()
-        write_json(tmp / REPORT_FILE, report.to_json())
+        if not target.single_file:
+            write_json(tmp / REPORT_FILE, report.to_json())
     return report

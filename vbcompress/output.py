@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import OutputError
@@ -55,9 +55,12 @@ def _inside(child: Path, parent: Path) -> bool:
 class OutputTarget:
     """A claimed output path: checked, locked, with stale temp folders of earlier runs removed."""
 
-    def __init__(self, out: str | os.PathLike, overwrite: bool = False, inputs: tuple = ()):
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False, inputs: tuple = (), ours: Callable[[Path], bool] | None = None):
+        """``ours``: the output is one file (``out`` names it), and this says whether an existing one was
+        written by vbcompress (and so may be replaced with ``overwrite``)."""
         self.out = Path(out)
         self.overwrite = overwrite
+        self.single_file = ours is not None
         self.fd: int | None = None
         out = self.out.absolute()
         resolved = Path(os.path.realpath(out))
@@ -78,7 +81,16 @@ class OutputTarget:
         for p in (parent, *parent.parents):
             if p.exists() and not p.is_dir():
                 raise OutputError(self.out, f"cannot create the output: {p} is a file, not a folder")
-        if out.exists() or out.is_symlink():
+        if ours is not None and (out.exists() or out.is_symlink()):
+            if not out.is_file() or out.is_symlink():
+                raise OutputError(self.out, "output exists and is not a file: choose another name")
+            if not ours(out):
+                raise OutputError(self.out, "output exists and is not a file vbcompress wrote: it is never replaced; choose another name")
+            if not overwrite:
+                raise OutputError(
+                    self.out, "output exists: an earlier vbcompress output (use {setting} to replace it)", setting="overwrite"
+                )
+        elif out.exists() or out.is_symlink():
             if not out.is_dir() or out.is_symlink():
                 raise OutputError(self.out, "output exists and is not a folder")
             if any(out.iterdir()):
@@ -158,7 +170,8 @@ class OutputTarget:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Path]:
-        """Yield a temporary folder next to the target that becomes the target only if the block succeeds."""
+        """Yield a temporary folder next to the target that becomes the target only if the block succeeds (for a
+        one-file output, the block writes ``tmp / out.name``, which replaces the target)."""
         out = self.out.absolute()
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
@@ -167,7 +180,10 @@ class OutputTarget:
         try:
             yield tmp
             default_permissions(tmp)
-            if out.exists():
+            if self.single_file:
+                os.replace(tmp / out.name, out)  # a file is replaced in one step
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif out.exists():
                 if exchange(tmp, out):  # one atomic step: a reader sees the old output or the new, never neither
                     shutil.rmtree(tmp, ignore_errors=True)
                 else:
@@ -185,9 +201,12 @@ class OutputTarget:
 
 
 @contextlib.contextmanager
-def claim_output(out: str | os.PathLike, overwrite: bool = False, inputs: tuple = ()) -> Iterator[OutputTarget]:
-    """Check and lock ``out`` for the duration of a command (see the module docstring)."""
-    target = OutputTarget(out, overwrite, inputs)
+def claim_output(
+    out: str | os.PathLike, overwrite: bool = False, inputs: tuple = (), ours: Callable[[Path], bool] | None = None
+) -> Iterator[OutputTarget]:
+    """Check and lock ``out`` for the duration of a command (see the module docstring; ``ours``: a one-file
+    output, see :class:`OutputTarget`)."""
+    target = OutputTarget(out, overwrite, inputs, ours)
     try:
         yield target
     finally:

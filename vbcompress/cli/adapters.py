@@ -251,13 +251,15 @@ def print_rank_report(report, out: str) -> None:
     rows = [[m.name, m.source_rank, m.rank, f"{m.retained_fro:.1%}", f"{m.retained_sigma:.1%}"] for m in report.modules]
     print_table(["module", "r in", "r out", "kept ‖ΔW‖_F", "kept Σσ"], rows)
     click.echo(
-        f"\nwrote {out}/{report.file} ({report.written_format}): kept {report.retained_fro:.2%} of ‖ΔW‖_F "
+        f"\nwrote {out if out.endswith('.safetensors') else f'{out}/{report.file}'} ({report.written_format}): kept {report.retained_fro:.2%} of ‖ΔW‖_F "
         f"(ΔW error {report.rel_error:.4f}); {fmt_bytes(report.bytes_before)} → {fmt_bytes(report.bytes_after)}"
     )
 
 
 dense_options = stack(
-    click.option("-o", "--out", required=True, help="Output directory (the LoRA in the --to format)."),
+    click.option(
+        "-o", "--out", required=True, help="Output directory (the LoRA in the --to format), or NAME.safetensors for one kohya file."
+    ),
     to_option,
     settings_options(RankSettings, "settings"),
     overwrite_option,

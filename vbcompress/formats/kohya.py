@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from ..adapter import CONV, LINEAR, Adapter
-from ..errors import FormatError, ShapeError, listed
-from ..files import save_tensors
+from ..errors import FormatError, ShapeError, VBCompressError, listed
+from ..files import check_safetensors, save_tensors
 from ..version import __version__
 from .common import Format, Found, build_modules, dtype_name, match_keys, reject_unknown, stored_alpha_scale, stored_factors
 
@@ -148,6 +148,14 @@ def write_kohya(adapter: Adapter, file: Path, dtype: torch.dtype | None = None, 
         vbcompress_version=__version__,
     )
     save_tensors(tensors, file, metadata=meta)
+
+
+def written_by_vbcompress(path: Path) -> bool:
+    """Whether the file at ``path`` is a kohya file vbcompress wrote (its header carries our version)."""
+    try:
+        return "vbcompress_version" in check_safetensors(path).get("__metadata__", {})
+    except VBCompressError:
+        return False
 
 
 def write(adapter: Adapter, out: Path, dtype: torch.dtype | None = None, name: str | None = None) -> Path:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,7 +122,11 @@ def gemma_base() -> Path:
     path = gemma_dir()
     if not (path / "config.json").is_file():
         script = SHARED / "bases" / "make_gemma3_270m.sh"
+        # said past pytest's capture: a silent two-minute pause reads as a hang
+        sys.__stderr__.write(f"\nbuilding the Gemma 3 270M test base into {path} (once; about 2 minutes and 1.1 GB; VBCOMPRESS_GEMMA moves it)\n")
+        start = time.monotonic()
         done = script.is_file() and subprocess.run(["bash", str(script), str(path)], capture_output=True).returncode == 0
+        sys.__stderr__.write(f"Gemma 3 270M {'built' if done else 'could not be built'} in {(time.monotonic() - start) / 60:.1f} min\n")
         if not done:
             if os.environ.get("CI"):
                 pytest.fail(f"the Gemma 3 270M base could not be built into {path} with {script}")

@@ -123,7 +123,9 @@ def gemma_base() -> Path:
     if not (path / "config.json").is_file():
         script = SHARED / "bases" / "make_gemma3_270m.sh"
         # said past pytest's capture: a silent two-minute pause reads as a hang
-        sys.__stderr__.write(f"\nbuilding the Gemma 3 270M test base into {path} (once; about 2 minutes and 1.1 GB; VBCOMPRESS_GEMMA moves it)\n")
+        sys.__stderr__.write(
+            f"\nbuilding the Gemma 3 270M test base into {path} (once; about 2 minutes and 1.1 GB; VBCOMPRESS_GEMMA moves it)\n"
+        )
         start = time.monotonic()
         done = script.is_file() and subprocess.run(["bash", str(script), str(path)], capture_output=True).returncode == 0
         sys.__stderr__.write(f"Gemma 3 270M {'built' if done else 'could not be built'} in {(time.monotonic() - start) / 60:.1f} min\n")

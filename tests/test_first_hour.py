@@ -101,3 +101,29 @@ def test_an_output_named_safetensors_is_that_one_kohya_file(tmp_path):
     folder_format = cli("resize", src, "-o", tmp_path / "x.safetensors", "--rank", 2, "--to", "peft")
     assert folder_format.exit_code == 2 and "name a folder" in folder_format.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_progress_off_a_terminal_is_plain_lines_and_quiet_silences_it(tmp_path, monkeypatch):
+    """Piped logs get whole lines (no carriage-return bars); -q/--quiet, before or after the command, none."""
+    from vbcompress.cli import progress
+
+    monkeypatch.setattr(progress, "PLAIN_AFTER_S", 0.0)  # every stage here is quick: say each at once
+    monkeypatch.setattr(progress, "quiet", False)  # and put the flag back however the test ends
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    logged = cli("lora2vb", MINILM_ADAPTER, "-o", tmp_path / "a", *FAST)
+    assert logged.exit_code == 0, logged.output
+    assert "\r" not in logged.stderr and "\x1b" not in logged.stderr
+    lines = logged.stderr.strip().splitlines()
+    assert lines and all(": step " in line for line in lines), lines
+    for args in (["-q", "lora2vb"], ["lora2vb", "--quiet"]):
+        quiet = cli(*args, MINILM_ADAPTER, "-o", tmp_path / "b", "--overwrite", *FAST)
+        assert quiet.exit_code == 0 and quiet.stderr == "", quiet.stderr
+
+
+def test_eval_compares_sizes_like_with_like(tmp_path):
+    """Two copies of one fp32 adapter are the same size as stored; the fp16 figure is named as such."""
+    result = cli("eval", MINILM_ADAPTER, MINILM_ADAPTER)
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("size:")]
+    assert "= 100.0% of REF as stored" in line and "200.0% of REF's LoRA at fp16" in line

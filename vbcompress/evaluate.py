@@ -11,6 +11,7 @@ from .formats import load_adapter
 from .hub import resolve
 from .metrics import DeltaReport, SizeReport, delta_errors, size_report
 from .retention import Probe, Retention
+from .settings import Progress
 from .verdict import Verdict, best_plain, judge
 
 
@@ -41,6 +42,7 @@ def evaluate(
     max_length: int = 128,
     *,
     token: str | None = None,
+    progress: Progress | None = None,
 ) -> EvalReport:
     """ΔW errors (per module and total) and sizes of ``cand`` against ``ref``; both any readable format,
     local or Hub ids.
@@ -59,7 +61,7 @@ def evaluate(
         model.check(candidate)
         texts = read_texts(data)
         model.check_length(texts, data, max_length)
-        probe = Probe(model, texts, reference.delta_weights(), max_length)
+        probe = Probe(model, texts, reference.delta_weights(), max_length, progress=progress)
         report.function = probe.measure(candidate.delta_weights())
         if plain is not None:
             plain.retention = probe.measure(plain.deltas(reference.modules)).headline

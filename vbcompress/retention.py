@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .basemodel import CHUNK_TOKENS, Base, pooled, real_positions
+from .settings import Progress
 
 
 @dataclass
@@ -45,14 +46,22 @@ class Probe:
     """``base``'s and ``ref``'s (module → ΔW) outputs on ``texts``, kept, so that each candidate costs one
     forward pass: hidden states of every real token (causal LMs) or pooled outputs (encoders)."""
 
-    def __init__(self, base: Base, texts: list[str], ref: dict, max_length: int, batch_size: int = 16):
-        self.base, self.samples = base, len(texts)
+    def __init__(self, base: Base, texts: list[str], ref: dict, max_length: int, batch_size: int = 16, progress: Progress | None = None):
+        self.base, self.samples, self.progress = base, len(texts), progress
         # by token length: sums do not depend on the order, and similar lengths waste little on padding
         texts = sorted(texts, key=lambda t: len(base.tokenizer(t)["input_ids"])) if base.causal else texts
         self.batches = [base.encode(texts[i : i + batch_size], max_length) for i in range(0, len(texts), batch_size)]
+        self.plain = self._all(None, "base")
+        self.ref = self._all(ref, "reference")
+
+    def _all(self, deltas: dict | None, stage: str) -> list[torch.Tensor]:
+        outs = []
         with torch.no_grad():
-            self.plain = [self._outputs(b, None) for b in self.batches]
-            self.ref = [self._outputs(b, ref) for b in self.batches]
+            for i, batch in enumerate(self.batches):
+                outs.append(self._outputs(batch, deltas))
+                if self.progress is not None:
+                    self.progress(stage, i + 1, len(self.batches), float("nan"))
+        return outs
 
     def _outputs(self, batch: dict, deltas: dict | None) -> torch.Tensor:
         if self.base.causal:
@@ -61,8 +70,7 @@ class Probe:
 
     def measure(self, cand: dict) -> Retention:
         """What ``cand`` (module → ΔW) keeps of the reference's effect: see :class:`Retention`."""
-        with torch.no_grad():
-            outs = [self._outputs(b, cand) for b in self.batches]
+        outs = self._all(cand, "candidate")
         if self.base.causal:
             return self._lm(outs)
         f = {"base": torch.cat(self.plain), "ref": torch.cat(self.ref), "cand": torch.cat(outs)}

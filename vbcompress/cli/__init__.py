@@ -21,8 +21,9 @@ class Group(click.Group):
     Ctrl-C into exit code 130; ``--debug``, before or after the command, shows the traceback instead."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if "--debug" in args[1:]:  # accepted after the subcommand too
-            args = ["--debug"] + [a for a in args if a != "--debug"]
+        for flag, short in (("--debug", None), ("--quiet", "-q")):  # accepted after the subcommand too
+            if any(a in (flag, short) for a in args[1:]):
+                args = [flag] + [a for a in args if a not in (flag, short)]
         ctx.meta["as_json"] = "--json" in args
         return super().parse_args(ctx, args)
 
@@ -54,11 +55,15 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vbcompress")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
-def main(debug: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr (results and errors are still printed).")
+def main(debug: bool, quiet: bool) -> None:
     """Shrink trained LoRA adapters into PEFT's VB-LoRA vector-bank format, and convert between formats."""
     import signal
     import threading
 
+    from . import progress
+
+    progress.quiet = quiet
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
 

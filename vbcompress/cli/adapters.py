@@ -215,7 +215,9 @@ def eval_cmd(ref: str, cand: str, base: str | None, data: str | None, token: str
     """
     from ..evaluate import evaluate
 
-    Sink(as_json).result(evaluate(ref, cand, base=base, data=data, token=token), print_eval)
+    with closing(None if as_json else progress_bar()) as bar:
+        report = evaluate(ref, cand, base=base, data=data, token=token, progress=bar)
+    Sink(as_json).result(report, print_eval)
 
 
 def print_eval(result) -> None:
@@ -239,10 +241,12 @@ def print_eval(result) -> None:
             click.echo(
                 f"effect retention: {fmt_num(f.effect_retention, '.4f')}   mean cosine: {fmt_num(f.mean_cosine, '.4f')}   ({f.samples} inputs)"
             )
-    ratio = f"{s.ratio_vs_ref_fp16:.1%}" if s.ratio_vs_ref_fp16 is not None else "-"
-    click.echo(
-        f"size: REF {fmt_bytes(s.ref_bytes)} stored ({fmt_bytes(s.ref_fp16_bytes)} at fp16), CAND {fmt_bytes(s.cand_bytes)} = {ratio} of REF at fp16"
+    # like with like: stored against stored, then against the fp16 LoRA every ratio in the tool is taken of
+    vs_stored = f" = {s.cand_bytes / s.ref_bytes:.1%} of REF as stored" if s.ref_bytes else ""
+    vs_fp16 = (
+        f", {s.ratio_vs_ref_fp16:.1%} of REF's LoRA at fp16 ({fmt_bytes(s.ref_fp16_bytes)})" if s.ratio_vs_ref_fp16 is not None else ""
     )
+    click.echo(f"size: REF {fmt_bytes(s.ref_bytes)} stored, CAND {fmt_bytes(s.cand_bytes)} stored{vs_stored}{vs_fp16}")
     if result.verdict is not None:
         print_verdict(result.verdict)
 

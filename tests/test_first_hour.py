@@ -127,3 +127,38 @@ def test_eval_compares_sizes_like_with_like(tmp_path):
     assert result.exit_code == 0, result.output
     (line,) = [line for line in result.stdout.splitlines() if line.startswith("size:")]
     assert "= 100.0% of REF as stored" in line and "200.0% of REF's LoRA at fp16" in line
+
+
+def test_unpack_and_merge_write_their_own_model_cards(tmp_path):
+    """An unpacked adapter says where it came from and what the collection kept (a warning first when a plain
+    representation keeps more); a merged model's card describes the merge, not the base alone, and keeps the
+    base's license."""
+    import shutil
+
+    from vbcompress import FitSettings, QualitySettings
+    from vbcompress.collection import Collection, pack
+
+    pack(
+        [MINILM_ADAPTER],
+        tmp_path / "c",
+        FitSettings(num_vectors=16, iters=1, refine_steps=0),
+        names=["st"],
+        quality=QualitySettings(hold="bank", max_error=1.0),
+    )
+    coll = Collection(tmp_path / "c")
+    assert cli("unpack", tmp_path / "c", "st", "-o", tmp_path / "u").exit_code == 0
+    card = (tmp_path / "u" / "README.md").read_text()
+    assert "# st, unpacked from a vbcompress collection" in card and "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
+    verdict = coll.entry("st").verdict
+    assert verdict["line"] in card
+    assert ("**Warning" in card) == (verdict["kind"] == "plain" or verdict["keeps"] != "much")
+
+    from .conftest import MINILM_BASE
+
+    base = tmp_path / "base"
+    shutil.copytree(MINILM_BASE, base)
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# all-MiniLM-L6-v2\nThe base's own card.\n")
+    merged = cli("merge", "--base", base, "--adapter", MINILM_ADAPTER, "-o", tmp_path / "m")
+    assert merged.exit_code == 0, merged.output
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "merged in" in card and "license: apache-2.0" in card and "The base's own card." not in card

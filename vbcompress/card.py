@@ -126,3 +126,66 @@ Back to a plain LoRA (exact at full rank): `vbcompress vb2lora {where} -o lora/`
 def fmt_error(x: float | None, spec: str = ".4f") -> str:
     """A figure that may be undefined (an adapter whose ΔW is zero has no relative error)."""
     return "n/a" if x is None else format(x, spec)
+
+
+def _front_matter(base_model: str | None, tags: list[str], extra: dict | None = None) -> str:
+    from huggingface_hub import ModelCardData
+
+    on_hub = base_model if base_model and HUB_MODEL_ID.match(base_model) else None
+    data = ModelCardData(base_model=on_hub, tags=tags, **{k: v for k, v in (extra or {}).items() if k in LICENSE_KEYS})
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def unpacked_card(entry, collection: str, written_as: str, task_type: str | None) -> str:
+    """README.md for one adapter written by ``unpack``: where it came from, what the collection kept of it, and
+    a warning first when a plain representation keeps more or it keeps little."""
+    v = entry.verdict or {}
+    warning = (
+        f"\n> **Warning — read this before using it:** {v['line']}.\n"
+        if v.get("line") and (v.get("kind") == "plain" or v.get("keeps") not in (None, "much"))
+        else (f"\nVerdict: {v['line']}.\n" if v.get("line") else "")
+    )
+    rows = [
+        (
+            "Held in the collection as",
+            f"{entry.held_as}: {fmt_bytes(entry.marginal_bytes)} of its own ({fmt_bytes(entry.source_fp16_bytes)} at fp16 as a LoRA)",
+        ),
+        ("ΔW error", f"{fmt_error(entry.rel_error)} (relative Frobenius error of the weight updates against the source)"),
+    ]
+    if entry.retention is not None:
+        rows.append(("Retention", f"{entry.retention:.3f} of the source's effect on held-out text"))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    auto = AUTO_CLASS.get(task_type or "", "AutoModel")
+    base_line = json.dumps(entry.base_model) if entry.base_model else '"BASE_MODEL"'
+    return f"""{_front_matter(entry.base_model, ["vbcompress", "peft", "vblora" if written_as == "VB-LoRA" else "lora"])}
+# {entry.name}, unpacked from a vbcompress collection
+{warning}
+Written as a {written_as} adapter by [vbcompress](https://pypi.org/project/vbcompress/) {__version__} from the collection
+`{Path(collection).name}`; the source was `{Path(entry.source).name}`.
+
+| What was kept | |
+|---|---|
+{table}
+
+## Use it with PEFT
+
+```python
+from peft import PeftModel
+from transformers import {auto}
+
+model = PeftModel.from_pretrained({auto}.from_pretrained({base_line}), "path/to/this/folder")
+```
+"""
+
+
+def merged_card(base: str, adapter: str, base_meta: dict, dtype: str) -> str:
+    """README.md for a ``merge`` output: the base with the adapter folded in (the base's card described the
+    base alone, so it is not copied); the base's license carries over."""
+    return f"""{_front_matter(base, ["vbcompress", "merge"], base_meta)}
+# {Path(base).name} with {Path(adapter).name} merged in
+
+Full weights of `{base}` with the adapter `{adapter}` folded into them (W + ΔW, computed in float32, stored as
+{dtype}) by [vbcompress](https://pypi.org/project/vbcompress/) {__version__}. It loads like the base model and
+needs no adapter library. The base's license applies; see the base model's own card for what it is and does.
+The merge report is in `vbcompress.json`.
+"""

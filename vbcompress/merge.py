@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter
+from .card import merged_card, source_metadata
 from .errors import FormatError, ShapeError, VBCompressError, listed
 from .files import CAST_DTYPES, DTYPE_OF, REPORT_FILE, check_safetensors, iter_safetensors, read_json, stream_safetensors, write_json
 from .formats import load_adapter
@@ -190,7 +191,13 @@ def _merge(base, adapter_src, out, base_dir: Path, adapter_dir: Path, target, se
             index = read_json(base_dir / INDEX)
             index.setdefault("metadata", {})["total_size"] = total_size
             write_json(tmp / INDEX, index)
-        copied = copy_side_files(base_dir, tmp, set(layout.shards) | {INDEX})
+        copied = copy_side_files(base_dir, tmp, set(layout.shards) | {INDEX, "README.md"})
+        dtype = (
+            settings.dtype
+            if cast is not None
+            else ", ".join(sorted({meta["dtype"] for h in layout.shards.values() for k, meta in h.items() if k != "__metadata__"}))
+        )
+        (tmp / "README.md").write_text(merged_card(str(base), str(adapter_src), source_metadata(base_dir), dtype))
         if cast is not None and (tmp / "config.json").is_file():
             config = json.loads((tmp / "config.json").read_text())
             config["torch_dtype"] = settings.dtype

@@ -69,10 +69,8 @@ class FitSettings:
     )
     topk: int = setting(2, "Bank vectors mixed per sub-vector (k). Codes cost k indices + k−1 float32 weights per sub-vector.", short="-k")
     rank: int | None = setting(None, "Keep the top R singular directions of every module [default: the adapter's rank].", short="-r")
-    iters: int = setting(20, "Alternating assignment / closed-form bank iterations (at most; see tol).")
-    tol: float = setting(
-        1e-3, "Stop alternating when 3 iterations improved the ΔW error by less than this fraction (0: run all iters).", cli=False
-    )
+    iters: int = setting(20, "Alternating assignment / closed-form bank iterations (at most; see --tol).")
+    tol: float = setting(1e-3, "Stop alternating when 3 iterations improved the ΔW error by less than this fraction (0: run all --iters).")
     refine_steps: int = setting(300, "Adam steps on the exact ΔW error after the alternation.")
     code_refine_steps: int = setting(
         50, "Adam steps on the mixture weights when codes are fitted to a frozen bank (add to a collection)."

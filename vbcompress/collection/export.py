@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..card import unpacked_card
 from ..dense import truncate
 from ..errors import SettingError, requires
 from ..files import CAST_DTYPES, REPORT_FILE, write_json
@@ -79,8 +80,11 @@ class Collection(Store):
                     write_dense(lora, target, fmt, dtype=CAST_DTYPES[settings.dtype], name=name)
                 else:
                     meta, vb, carried = self.codes(name)  # the codes as they are: nothing decoded
-                    write_vblora(self._as_adapter(name, meta, {}, carried, vb), target)
+                    adapter = self._as_adapter(name, meta, {}, carried, vb)
+                    write_vblora(adapter, target)
                 write_json(target / REPORT_FILE, {"collection": str(self.path), **asdict(self.entry(name))})
+                card = unpacked_card(self.entry(name), str(self.path), written_as[-1], adapter.task_type)
+                (target / "README.md").write_text(card)
                 written.append(Path(out) if len(names) == 1 else Path(out) / name)
             if len(names) > 1:  # marks the folder as ours (for overwrite) and says what it holds
                 write_json(tmp / REPORT_FILE, {"collection": str(self.path), "unpacked": names, "dense": dense})

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -345,3 +346,20 @@ def test_unpack_at_the_default_bank_size_writes_peft_index_layout(family, tmp_pa
     theirs = peft_delta_weights(tmp_path / "u", held)
     for name, m in held.modules.items():
         torch.testing.assert_close(theirs[name], m.delta_weight(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_byte_budget_chooses_the_largest_bank_whose_collection_fits(family, tmp_path):
+    """pack --max-bytes / --target-ratio: the collection's bank and codes, as written, fit the budget, and the
+    next bank size up would not have."""
+    from vbcompress.settings import SizeSettings
+
+    sources = [family["real"], family["sibling"]]
+    fp16 = sum(load_adapter(s).fp16_bytes() for s in sources)
+    fit = FitSettings(vector_length=128, iters=2, refine_steps=5, code_refine_steps=5)
+    summary = pack(sources, tmp_path / "c", fit, names=["real", "sibling"], quality=BANK_ONLY, size=SizeSettings(target_ratio=0.2))
+    n = summary.settings["num_vectors"]
+    assert summary.budget == int(0.2 * fp16) and summary.total_bytes <= summary.budget
+    bigger = pack(sources, tmp_path / "d", replace(fit, num_vectors=2 * n), names=["real", "sibling"], quality=BANK_ONLY)
+    assert bigger.total_bytes > summary.budget
+    result = CliRunner().invoke(main, ["pack", str(family["real"]), "-o", str(tmp_path / "e"), "--max-bytes", "1000"])
+    assert result.exit_code == 2 and "--max-bytes allows 1000 bytes for the collection" in result.stderr

@@ -126,3 +126,35 @@ def test_a_byte_budget_chooses_the_largest_bank_that_fits(tmp_path):
     assert report["bytes"]["vb"] <= 40000 and report["settings"]["num_vectors"] == 64  # N=128: its bank alone is 65 KB
     tight = CliRunner().invoke(main, ["lora2vb", str(src), "-o", str(tmp_path / "t"), "--max-bytes", "100"])
     assert tight.exit_code == 2 and "--max-bytes allows 100 bytes" in tight.stderr and not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+def test_a_retention_target_picks_the_smallest_bank_that_reaches_it_or_says_it_cannot(tmp_path):
+    """--min-kl-retention with --base: every N tried is reported with what it kept on held-out text; the one
+    written is the smallest that met the target, or the largest (with a warning) when none did."""
+    from vbcompress import CalibrationSettings, FitSettings
+    from vbcompress.compress import lora2vb
+    from vbcompress.settings import SizeSettings
+
+    from .conftest import MINILM_BASE
+
+    fit = FitSettings(vector_length=128, iters=2, refine_steps=5)
+    cal = CalibrationSettings(steps=10, samples=48)
+    easy = lora2vb(MINILM_ADAPTER, tmp_path / "easy", fit, base=MINILM_BASE, calibration=cal, size=SizeSettings(min_kl_retention=0.05))
+    met = [t for t in easy.search if t["met"]]
+    assert met and easy.fit.num_vectors == min(t["num_vectors"] for t in met)
+    assert all(t["retention"] < 0.05 for t in easy.search if t["num_vectors"] < easy.fit.num_vectors)
+    written = json.loads((tmp_path / "easy" / "vbcompress.json").read_text())
+    assert written["search"]["tried"] == easy.search and written["settings"]["num_vectors"] == easy.fit.num_vectors
+    assert easy.calibration.retention_after.headline == next(
+        t["retention"] for t in easy.search if t["num_vectors"] == easy.fit.num_vectors
+    )
+
+    result = CliRunner().invoke(
+        main,
+        ["lora2vb", str(MINILM_ADAPTER), "-o", str(tmp_path / "hard"), "-L", "128", "--iters", "2", "--refine-steps", "5",
+         "--base", str(MINILM_BASE), "--calib-steps", "10", "--calib-samples", "48", "--min-kl-retention", "1.0", "--max-bytes", "300000"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    hard = json.loads((tmp_path / "hard" / "vbcompress.json").read_text())
+    assert [t["met"] for t in hard["search"]["tried"]] == [False] and "warning: no N up to" in result.stdout

@@ -29,7 +29,7 @@ from .output import OutputTarget, claim_output
 from .results import ByteCounts, CompressReport, FitStages
 from .retention import Probe
 from .settings import CalibrationSettings, FitSettings, OutputSettings, Progress, SizeSettings
-from .sizing import DryRunReport, dry_run, fit_for_budget
+from .sizing import DryRunReport, budget_of, dry_run, fit_for_budget, vb_bytes
 from .verdict import Verdict, best_plain, judge
 
 
@@ -95,14 +95,26 @@ def _lora2vb(
         inputs, label = calibration_texts(model, texts, calibration, fit.seed, teacher=source.delta_weights())
     elif texts is not None:
         raise SettingError("texts", "calibration text ({setting}) needs a base model", where=texts)
-    factors = {name: m.folded() for name, m in source.modules.items()}
-    result = run_fit(factors, fit, progress)
-    fitted, calib_report, probe = VectorBank(bank=result.bank, topk=fit.topk, codes=result.codes), None, None
+    held = probe = None
     if model is not None:
         held, _ = heldout_split(inputs, calibration, torch.Generator().manual_seed(fit.seed))
         probe = Probe(model, held, source.delta_weights(), calibration.max_length)
-        fitted, calib_report = calibrate(source, fitted, model, inputs, calibration, seed=fit.seed, progress=progress)
-        calib_report = replace(calib_report, base=base_label, data=label, calibration_file=str(texts) if texts else None)
+
+    def encode(fit: FitSettings):
+        result = run_fit({name: m.folded() for name, m in source.modules.items()}, fit, progress)
+        fitted, calib_report = VectorBank(bank=result.bank, topk=fit.topk, codes=result.codes), None
+        if model is not None:
+            fitted, calib_report = calibrate(source, fitted, model, inputs, calibration, seed=fit.seed, progress=progress)
+            calib_report = replace(calib_report, base=base_label, data=label, calibration_file=str(texts) if texts else None)
+        return fit, result, fitted, calib_report
+
+    search = None
+    if size.min_kl_retention is not None:
+        if model is None:
+            raise SettingError("min_kl_retention", "{setting} is measured on a base model: give --base")
+        (fit, result, fitted, calib_report), search = smallest_reaching(source, fit, output, size, encode)
+    else:
+        fit, result, fitted, calib_report = encode(fit)
     vb = VectorBank(
         bank=fitted.bank.to(getattr(torch, output.bank_dtype)),
         topk=fit.topk,
@@ -121,7 +133,40 @@ def _lora2vb(
         calibration=calib_report,
         repo_id=repo_id,
         probe=probe,
+        search=(search, size.min_kl_retention),
     )
+
+
+SEARCH_VECTORS = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def smallest_reaching(source: Adapter, fit: FitSettings, output: OutputSettings, size: SizeSettings, encode) -> tuple[tuple, list[dict]]:
+    """The encoding at the smallest N whose held-out retention reaches ``size.min_kl_retention`` (bisection over
+    :data:`SEARCH_VECTORS` within any byte budget, retention taken to grow with N), or the largest N's when none
+    does; and every try as ``{num_vectors, bytes, retention, met}``."""
+    cap = fit_for_budget(source, fit, output, size).num_vectors if budget_of(source, size) is not None else max(SEARCH_VECTORS)
+    candidates = [n for n in SEARCH_VECTORS if fit.topk <= n <= cap] or [cap]
+    tried, done, met = [], {}, {}
+
+    def attempt(i: int) -> bool:
+        if i not in done:
+            done[i] = encode(replace(fit, num_vectors=candidates[i]))
+            cal = done[i][3]
+            kept = cal.retention_after.headline if cal is not None and cal.retention_after is not None else None
+            met[i] = kept is not None and kept >= size.min_kl_retention
+            tried.append({"num_vectors": candidates[i], "bytes": vb_bytes(source, done[i][0], output), "retention": kept, "met": met[i]})
+        return met[i]
+
+    lo, hi = 0, len(candidates) - 1
+    if not attempt(hi):
+        return done[hi], tried  # the closest it gets: the caller's report says it fell short
+    while lo < hi:  # invariant: candidates[hi] meets the target
+        mid = (lo + hi) // 2
+        if attempt(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return done[hi], tried
 
 
 def vb_adapter(source: Adapter, vb: VectorBank, where: str | Path) -> Adapter:
@@ -154,6 +199,7 @@ def write_compressed(
     calibration: CalibrationReport | None = None,
     repo_id: str | None = None,
     probe: Probe | None = None,
+    search: tuple[list[dict] | None, float | None] = (None, None),
 ) -> CompressReport:
     """Write ``vb`` as a PEFT VB-LoRA adapter with its report, verdict and model card; the report describes
     the written files, re-read, not our in-memory copy. With ``probe`` (a base model and held-out text), the
@@ -184,6 +230,8 @@ def write_compressed(
             fit_stages=stages,
             hub_source=hub_source,
             calibration=calibration,
+            search=search[0],
+            search_target=search[1],
         )
         write_json(tmp / REPORT_FILE, report.to_json())
         card = model_card(

@@ -60,6 +60,8 @@ class CompressReport:
     vbcompress_version: str = __version__
     zero_modules: list[str] = field(default_factory=list)
     verdict: Verdict | None = None
+    search: list[dict] | None = None  # --min-kl-retention: each N tried, its bytes and held-out retention, in order
+    search_target: float | None = None
 
     @property
     def svd_keeps_more(self) -> bool:
@@ -95,6 +97,7 @@ class CompressReport:
             "fit_stages": asdict(self.fit_stages),
             "calibration": asdict(self.calibration) if self.calibration else None,
             "verdict": self.verdict.to_json() if self.verdict else None,
+            "search": {"min_kl_retention": self.search_target, "tried": self.search} if self.search else None,
         }
         if self.pushed is not None:
             out["pushed"] = asdict(self.pushed)

@@ -139,13 +139,21 @@ class QualitySettings:
 
 @dataclass(frozen=True)
 class SizeSettings:
-    """Size first: a byte budget that chooses the bank size N for ``lora2vb`` and ``hub``."""
+    """Size first: a byte budget (or, with a base, a retention target) that chooses the bank size N for
+    ``lora2vb`` and ``hub``; ``pack`` takes the budget for the whole collection."""
 
     max_bytes: int | None = setting(None, "Choose N so that the output's bank and codes fit in this many bytes (overrides -N).", kind=int)
     target_ratio: float | None = setting(
         None, "Choose N so that the output is at most this share of the LoRA at fp16, e.g. 0.05 (overrides -N).", kind=float
     )
     dry_run: bool = setting(False, "Print bytes, ratio and the plain baselines at a few N without fitting, then stop.")
+    min_kl_retention: float | None = setting(
+        None,
+        "With --base: the smallest N (64…4096, within any byte budget) whose calibrated adapter keeps at least this "
+        "retention on held-out text (KL retention for causal LMs, effect retention for encoders); each try is a fit "
+        "plus a calibration, found by bisection.",
+        kind=float,
+    )
 
     def check(self) -> None:
         if self.max_bytes is not None and self.max_bytes < 1:
@@ -154,6 +162,8 @@ class SizeSettings:
             raise SettingError("target_ratio", f"{{setting}} must be in (0, 1], not {self.target_ratio}")
         if self.max_bytes is not None and self.target_ratio is not None:
             raise SettingError("target_ratio", "give {setting} or --max-bytes, not both")
+        if self.min_kl_retention is not None and not 0 < self.min_kl_retention <= 1:
+            raise SettingError("min_kl_retention", f"{{setting}} must be in (0, 1], not {self.min_kl_retention}")
 
 
 @dataclass(frozen=True)

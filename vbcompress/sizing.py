@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from .adapter import Adapter
-from .codec.layout import index_dtype
+from .codec.layout import index_dtype, stored_index_dtype
 from .errors import SettingError
 from .settings import FitSettings, OutputSettings, SizeSettings
 from .verdict import Plain, best_plain
@@ -47,6 +47,45 @@ def fit_for_budget(adapter: Adapter, fit: FitSettings, output: OutputSettings, s
         raise SettingError(
             setting,
             f"{{setting}} allows {budget} bytes; the smallest VB-LoRA output of this adapter needs {least} (fewer -k or a lower --rank)",
+        )
+    return replace(fit, num_vectors=max(fitting))
+
+
+def collection_bytes(adapters: list[Adapter], fit: FitSettings, output: OutputSettings) -> int:
+    """Bytes of a collection of ``adapters`` held as bank codes at ``fit`` (vector length resolved): the bank,
+    plus each adapter's indices (the smallest integer type below N) and k−1 float16 weights per sub-vector, at
+    its own rank capped by ``fit.rank``, as :mod:`vbcompress.collection` stores them."""
+    length, k = fit.vector_length, fit.topk
+    idx = torch.empty(0, dtype=stored_index_dtype(fit.num_vectors)).element_size()
+    rows = 0
+    for adapter in adapters:
+        rank = min(fit.rank or max(adapter.ranks), max(adapter.ranks))
+        rows += sum(rank * (m.in_features // length + m.out_features // length) for m in adapter.modules.values())
+    return fit.num_vectors * length * (4 if output.bank_dtype == "float32" else 2) + rows * (k * idx + (k - 1) * 2)
+
+
+def collection_budget(adapters: list[Adapter], size: SizeSettings) -> int | None:
+    """The byte budget ``size`` sets for a whole collection: ``max_bytes``, or ``target_ratio`` of every
+    source's fp16 bytes together."""
+    if size.max_bytes is not None:
+        return size.max_bytes
+    if size.target_ratio is not None:
+        return int(size.target_ratio * sum(a.fp16_bytes() for a in adapters))
+    return None
+
+
+def fit_collection_for_budget(adapters: list[Adapter], fit: FitSettings, output: OutputSettings, size: SizeSettings) -> FitSettings:
+    """``fit`` with the largest N (a power of two) whose collection of bank codes fits the budget."""
+    budget = collection_budget(adapters, size)
+    if budget is None:
+        return fit
+    fitting = [n for n in CANDIDATE_VECTORS if n >= fit.topk and collection_bytes(adapters, replace(fit, num_vectors=n), output) <= budget]
+    if not fitting:
+        least = collection_bytes(adapters, replace(fit, num_vectors=max(2, fit.topk)), output)
+        setting = "max_bytes" if size.max_bytes is not None else "target_ratio"
+        raise SettingError(
+            setting,
+            f"{{setting}} allows {budget} bytes for the collection; its smallest bank and codes need {least} (fewer -k or a lower --rank)",
         )
     return replace(fit, num_vectors=max(fitting))
 

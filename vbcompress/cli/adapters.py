@@ -123,6 +123,12 @@ def print_dry_run(report) -> None:
 def print_lora2vb_report(report, out: str) -> None:
     b, fit, svd = report.bytes, report.fit, report.svd_baseline
     click.echo(f"wrote {out}  (N={fit.num_vectors}, L={fit.vector_length}, k={fit.topk}, r={fit.rank})")
+    if report.search:
+        tries = ", ".join(f"N={t['num_vectors']} {fmt_num(t['retention'], '.3f')}" for t in report.search)
+        if any(t["met"] for t in report.search):
+            click.echo(f"target:    N={fit.num_vectors} is the smallest N that keeps ≥ {report.search_target} (tried {tries})")
+        else:
+            click.echo(f"warning: no N up to {fit.num_vectors} keeps {report.search_target}; this is the closest (tried {tries})")
     if report.verdict is not None:
         print_verdict(report.verdict)
     click.echo(

@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..errors import FormatError, shown
-from ..settings import CalibrationSettings, FitSettings, OutputSettings, QualitySettings, RankSettings
+from ..settings import CalibrationSettings, FitSettings, OutputSettings, QualitySettings, RankSettings, SizeSettings
 from ..units import fmt_bytes, held_name
 from .options import (
     flag_of,
@@ -56,6 +56,11 @@ def print_collection(info) -> None:
         v = e.verdict
         if v is not None and (v["kind"] == "plain" or v["keeps"] != "much"):
             click.echo(f"warning: {shown(name)}: {shown(v['line'])}")
+    if getattr(info, "budget", None) is not None and info.total_bytes > info.budget:
+        click.echo(
+            f"note: the budget ({fmt_bytes(info.budget)}) chose N={st['num_vectors']} for bank codes; adapters held as "
+            f"factors to meet the floor brought the total to {fmt_bytes(info.total_bytes)}"
+        )
     if info.unlisted:
         click.echo(f"note: adapters/ also holds {', '.join(map(shown, info.unlisted))}, which the manifest does not name (left alone)")
 
@@ -104,6 +109,7 @@ def print_entries(entries, verb: str) -> None:
 @names_option
 @settings_options(FitSettings, "fit", skip=("code_refine_steps",))
 @settings_options(OutputSettings, "output", skip=("full_logits",))
+@settings_options(SizeSettings, "size", skip=("dry_run", "min_kl_retention"))
 @settings_options(QualitySettings, "quality")
 @click.option("--base", default=None, help="Base model directory or Hub id: hold each adapter to a retention floor, calibrating its codes.")
 @texts_option
@@ -113,7 +119,7 @@ def print_entries(entries, verb: str) -> None:
 @format_option
 @token_option
 @click.option("--json", "as_json", is_flag=True, help="Print the collection summary as JSON.")
-def pack(sources, out, names, fit, output, allow_mixed_bases, overwrite, fmt, token, as_json, **judging):
+def pack(sources, out, names, fit, output, size, allow_mixed_bases, overwrite, fmt, token, as_json, **judging):
     """Fit ONE vector bank jointly to every adapter in SOURCES (paths or Hub ids of one base) and write a collection.
 
     The bank is paid for once; each adapter then costs only its codes. Each adapter weighs equally in the
@@ -130,6 +136,7 @@ def pack(sources, out, names, fit, output, allow_mixed_bases, overwrite, fmt, to
             out,
             fit,
             output=output,
+            size=size,
             names=list(names) or None,
             allow_mixed_bases=allow_mixed_bases,
             format=fmt,

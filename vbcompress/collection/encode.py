@@ -23,7 +23,8 @@ from ..hub import resolve
 from ..linalg import gram_sq_norm
 from ..output import claim_output
 from ..retention import Probe
-from ..settings import CalibrationSettings, FitSettings, OutputSettings, Progress, QualitySettings, resolve_device
+from ..settings import CalibrationSettings, FitSettings, OutputSettings, Progress, QualitySettings, SizeSettings, resolve_device
+from ..sizing import collection_budget, fit_collection_for_budget
 from .hold import Holding, Judge, choose
 from .store import BANK_FILE, CollectionSummary, Entry, Manifest, Store, check_name, settle, sha256_of, write_adapter, write_manifest
 
@@ -226,6 +227,7 @@ def pack(
     overwrite: bool = False,
     token: str | None = None,
     progress: Progress | None = None,
+    size: SizeSettings | None = None,
 ) -> CollectionSummary:
     """Fit one bank jointly to every source and write a collection to ``out``; returns its summary.
 
@@ -234,9 +236,17 @@ def pack(
     held the cheapest way that meets ``quality``'s floor (bank codes of its top directions, or low-rank
     factors); with ``base``, the floor is retention on held-out text and bank codes are calibrated on it.
     A source that nothing meets fails the pack, before anything is written.
+
+    ``size`` (``max_bytes`` or ``target_ratio`` of all sources' fp16 bytes) chooses the largest N whose bank
+    plus every adapter's bank codes fit; adapters the floor holds as factors instead may end above or below it
+    (the summary carries the budget, and the CLI says when the total passed it).
     """
-    fit, output, quality = fit or FitSettings(), output or OutputSettings(), quality or QualitySettings()
+    fit, output, quality, size = fit or FitSettings(), output or OutputSettings(), quality or QualitySettings(), size or SizeSettings()
     output.check()
+    size.check()
+    for setting in ("dry_run", "min_kl_retention"):
+        if getattr(size, setting):
+            raise SettingError(setting, "{setting} applies to lora2vb; a collection's floor is --max-error or --min-kl-retention")
     quality.check(base is not None)
     if texts is not None and base is None:
         raise SettingError("texts", "calibration text ({setting}) needs a base model", where=texts)
@@ -249,13 +259,17 @@ def pack(
     if dupes:
         raise SettingError("names", f"two sources would both be named {dupes[0]!r}: name them (names=...)")
     check_sources_fit(loaded, None, {}, allow_mixed_bases)
+    adapters = [s.adapter for s in loaded]
+    if collection_budget(adapters, size) is not None:
+        chosen = fit_collection_for_budget(adapters, fit_settings_for(adapters, fit), output, size)
+        fit = replace(fit, num_vectors=chosen.num_vectors)  # the rest stays as given: joint_fit resolves it
     base_path = resolve(base, "base", token=token).path if base is not None else None
     with claim_output(out, overwrite, inputs=tuple(s.path for s in loaded) + (base_path, texts)) as target:  # before the fit
         judging = Judging(quality, None, texts, calibration)
         if base_path is not None:
             (calibration or CalibrationSettings()).check()
             judging.model = Base(base_path, loaded[0].adapter, device=resolve_device(fit.device))
-        return _pack(loaded, target, fit, output, judging, progress)
+        return replace(_pack(loaded, target, fit, output, judging, progress), budget=collection_budget(adapters, size))
 
 
 def joint_fit(

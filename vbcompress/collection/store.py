@@ -171,6 +171,7 @@ class CollectionSummary:
     sources_fp16_bytes: int
     entries: dict[str, Entry]
     unlisted: list[str] = field(default_factory=list)  # folders under adapters/ the manifest does not name
+    budget: int | None = None  # pack's byte budget, when one chose N
 
     @property
     def ratio_vs_sources_fp16(self) -> float | None:

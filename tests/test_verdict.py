@@ -94,19 +94,20 @@ def test_an_output_that_keeps_nothing_says_so_when_nothing_plain_fits_either(tmp
 
 
 @pytest.mark.slow
-def test_eval_shows_the_base_alone_next_to_the_candidate(tmp_path):
+def test_eval_shows_the_base_alone_next_to_the_candidate(tmp_path, capsys):
+    from vbcompress.cli.adapters import print_eval
+    from vbcompress.evaluate import evaluate
+
     from .conftest import gemma_dir
 
-    base = gemma_dir()
     src = ADAPTERS / "gemma3-270m-attn-r4"
     lines = tmp_path / "d.txt"
     lines.write_text("The quick brown fox jumps over the lazy dog.\nA stitch in time saves nine.\n")
-    result = CliRunner().invoke(main, ["eval", str(src), str(src), "--base", str(base), "--data", str(lines), "--json"])
-    assert result.exit_code == 0, result.output
-    f = json.loads(result.stdout)["function"]
+    report = evaluate(src, src, base=gemma_dir(), data=lines)  # one Gemma run, printed both ways
+    f = report.to_json()["function"]
     assert f["top1_agreement"] == pytest.approx(1.0) and 0 <= f["base_top1_agreement"] <= 1
-    text = CliRunner().invoke(main, ["eval", str(src), str(src), "--base", str(base), "--data", str(lines)]).stdout
-    assert "(the base alone: " in text
+    print_eval(report)
+    assert "(the base alone: " in capsys.readouterr().out
 
 
 def test_size_first_dry_run_writes_nothing_and_its_bytes_are_what_a_fit_writes(tmp_path):
@@ -139,8 +140,9 @@ def test_a_retention_target_picks_the_smallest_bank_that_reaches_it_or_says_it_c
     from .conftest import MINILM_BASE
 
     fit = FitSettings(vector_length=128, iters=2, refine_steps=5)
-    cal = CalibrationSettings(steps=10, samples=48)
-    easy = lora2vb(MINILM_ADAPTER, tmp_path / "easy", fit, base=MINILM_BASE, calibration=cal, size=SizeSettings(min_kl_retention=0.05))
+    cal = CalibrationSettings(steps=5, samples=32)
+    target = SizeSettings(min_kl_retention=0.05, max_bytes=140_000)  # N up to 256: three tries at most
+    easy = lora2vb(MINILM_ADAPTER, tmp_path / "easy", fit, base=MINILM_BASE, calibration=cal, size=target)
     met = [t for t in easy.search if t["met"]]
     assert met and easy.fit.num_vectors == min(t["num_vectors"] for t in met)
     assert all(t["retention"] < 0.05 for t in easy.search if t["num_vectors"] < easy.fit.num_vectors)
@@ -153,7 +155,7 @@ def test_a_retention_target_picks_the_smallest_bank_that_reaches_it_or_says_it_c
     result = CliRunner().invoke(
         main,
         ["lora2vb", str(MINILM_ADAPTER), "-o", str(tmp_path / "hard"), "-L", "128", "--iters", "2", "--refine-steps", "5",
-         "--base", str(MINILM_BASE), "--calib-steps", "10", "--calib-samples", "48", "--min-kl-retention", "1.0", "--max-bytes", "300000"],
+         "--base", str(MINILM_BASE), "--calib-steps", "5", "--calib-samples", "32", "--min-kl-retention", "1.0", "--max-bytes", "40000"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     hard = json.loads((tmp_path / "hard" / "vbcompress.json").read_text())

@@ -144,3 +144,23 @@ def test_base_names_are_compared_by_model_not_by_path(collection, tmp_path):
     write_peft_lora(other, tmp_path / "other-model")
     with pytest.raises(Exception, match="allow_mixed_bases"):
         add(root, [tmp_path / "other-model"], fit=FAST)
+
+
+@pytest.mark.parametrize("name", ["gemma3-270m-ner-r16", "minilm-l6-bias-st"])
+def test_the_low_rank_ladder_states_the_error_its_stored_factors_have(name):
+    """Every point of the front a collection chooses from is what storing those factors keeps: the ΔW error of
+    the decoded codec tensors, computed densely apart from the ladder's Gram arithmetic."""
+    from vbcompress.codec.lowrank import LOWRANK
+    from vbcompress.collection.hold import hold_lowrank, lowrank_front
+
+    source = load_adapter(ADAPTERS / name)
+    front = lowrank_front(source)
+    assert [t.bytes for t in front] == sorted(t.bytes for t in front) and len({t.bits for t in front}) > 1
+    want = {n: m.delta_weight().double() for n, m in source.modules.items()}
+    norm = sum(float(w.square().sum()) for w in want.values())
+    for t in front[:: max(1, len(front) // 6)] + front[-1:]:
+        tensors, table = hold_lowrank(source, t.rank, t.bits)
+        got = LOWRANK.decode(tensors, table, None, 0)
+        err = sum(float((got[n].delta_weight().double() - w).square().sum()) for n, w in want.items())
+        assert t.rel_error == pytest.approx((err / norm) ** 0.5, rel=1e-5, abs=1e-7), (t.rank, t.bits)
+        assert t.bytes == LOWRANK.stored_bytes(tensors)

@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..adapter import Adapter, LoraModule
-from ..baselines import quantize
+from ..baselines import GROUP, quantize
 from ..codec.bank import BANK
 from ..codec.layout import VBCode
 from ..codec.lowrank import BITS, LOWRANK, packed_bytes
 from ..errors import SettingError
-from ..linalg import balanced, delta_sq_error, gram_sq_norm
+from ..linalg import balanced, gram_sq_norm
 from ..metrics import measure
 from ..retention import Probe
 from ..settings import QualitySettings
@@ -96,20 +96,29 @@ def lowrank_front(source: Adapter) -> list[Tried]:
     first; errors exact, from the quantized factors."""
     modules = list(source.modules.values())
     top = max(m.r for m in modules)
-    folded = [m.folded() for m in modules]
-    ref = sum(float(gram_sq_norm(b.double(), a.double())) for b, a in folded)
-    factors = [balanced(b, a)[:2] for b, a in folded]  # slicing these is truncation: directions in σ order
+    # Balanced factors (their product is the module's ΔW; slicing them is truncation, directions in σ order),
+    # kept in float64: each error below is ‖ΔW‖² − 2⟨ΔW, ΔW̃⟩ + ‖ΔW̃‖² from r×r Gram matrices, exact to float64
+    # rounding at the errors a front spans, and no QR per point (the front of a 7B adapter is ~18,000 points).
+    factors = [tuple(t.double() for t in balanced(*m.folded())[:2]) for m in modules]
+    norms = [float(gram_sq_norm(b, a)) for b, a in factors]
+    ref = sum(norms)
     grid = []
-    for rank in range(1, top + 1):
-        for bits in BITS:
-            size = err = 0
-            for m, (b, a), (bb, aa) in zip(modules, folded, factors):
+    for bits in BITS:
+        # A's rows are whole quantization groups when `in` is a multiple of the group: quantize once, slice.
+        whole_a = [quantize(a.float(), bits).double() if bits != 16 and a.shape[1] % GROUP == 0 else None for _, a in factors]
+        for rank in range(1, top + 1):
+            size = err = 0.0
+            for m, (b, a), norm, qa in zip(modules, factors, norms, whole_a):
                 r = min(rank, m.r)
-                bt, at = bb[:, :r], aa[:r]
-                stored = (bt.half().float(), at.half().float()) if bits == 16 else (quantize(bt, bits), quantize(at, bits))
+                bt, at = b[:, :r], a[:r]
+                if bits == 16:
+                    bt, at = bt.half().double(), at.half().double()
+                else:
+                    bt, at = quantize(bt.float(), bits).double(), (qa[:r] if qa is not None else quantize(at.float(), bits).double())
                 size += packed_bytes(r * (m.in_features + m.out_features), bits)
-                err += delta_sq_error(b, a, *stored)
-            grid.append(Tried("lowrank", rank, bits, size, (err / ref) ** 0.5 if ref > 0 else None))
+                cross = float(((b.T @ bt) * (a @ at.T)).sum())
+                err += max(norm - 2 * cross + float(gram_sq_norm(bt, at)), 0.0)
+            grid.append(Tried("lowrank", rank, bits, int(size), (err / ref) ** 0.5 if ref > 0 else None))
     front, best = [], float("inf")
     for t in sorted(grid, key=lambda t: (t.bytes, t.rel_error or 0)):
         if (t.rel_error or 0) < best:

@@ -59,8 +59,8 @@ def seven_b() -> None:
         source = sum(p.stat().st_size for p in (tmp / "b").iterdir())
     print(
         f"7B-shaped adapter ({params / 1e6:.1f}M LoRA params, {source / 1e6:.0f} MB source): add to an N=2048, L=256 bank in "
-        f"{add_s:.1f} s on this machine ({torch.get_num_threads()} threads); marginal bytes {entry.marginal_bytes / 1e6:.2f} MB "
-        f"(codes); setup pack with a 1-iteration fit {pack_s:.0f} s"
+        f"{add_s:.1f} s on this machine ({torch.get_num_threads()} threads); held as {entry.held_as}, ΔW error {entry.rel_error:.3f}, "
+        f"marginal bytes {entry.marginal_bytes / 1e6:.2f} MB; setup pack with a 1-iteration fit {pack_s:.0f} s"
     )
 
 

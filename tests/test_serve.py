@@ -97,11 +97,12 @@ def test_modules_of_lower_rank_are_zero_padded_to_the_one_rank(served, tmp_path)
     """A low-rank-held module of rank 4 among rank-8 ones: vLLM reads one r, so every module is written at it."""
     adapter = served.adapter("real")
     first = next(iter(adapter.modules.values()))
-    first.A, first.B = first.A[:3].contiguous(), first.B[:, :3].contiguous()
+    first.A, first.B, first.scale = first.A[:3].contiguous(), first.B[:, :3].contiguous(), 2.5  # and a scale to fold
     from vbcompress.collection.materialize import uniform_rank
 
     padded, r, capped = uniform_rank(adapter, max_rank=None)
     assert r == 8 and not capped and {m.r for m in padded.modules.values()} == {8}
+    assert {m.scale for m in padded.modules.values()} == {1.0}  # lora_alpha = r then reproduces ΔW
     torch.testing.assert_close(padded.modules[first.name].delta_weight(), first.delta_weight())
 
 

@@ -156,11 +156,35 @@ def test_the_low_rank_ladder_states_the_error_its_stored_factors_have(name):
     source = load_adapter(ADAPTERS / name)
     front = lowrank_front(source)
     assert [t.bytes for t in front] == sorted(t.bytes for t in front) and len({t.bits for t in front}) > 1
+    errors = [t.rel_error for t in front]
+    assert errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors)  # a front: more bytes, less error
     want = {n: m.delta_weight().double() for n, m in source.modules.items()}
     norm = sum(float(w.square().sum()) for w in want.values())
     for t in front[:: max(1, len(front) // 6)] + front[-1:]:
-        tensors, table = hold_lowrank(source, t.rank, t.bits)
+        tensors, table = hold_lowrank(source, t.rank, t.bits, t.ranks)
         got = LOWRANK.decode(tensors, table, None, 0)
+        if t.ranks is not None:
+            assert [r for *_, r in table["modules"]] == t.ranks and max(t.ranks) == t.rank
         err = sum(float((got[n].delta_weight().double() - w).square().sum()) for n, w in want.items())
         assert t.rel_error == pytest.approx((err / norm) ** 0.5, rel=1e-5, abs=1e-7), (t.rank, t.bits)
         assert t.bytes == LOWRANK.stored_bytes(tensors)
+
+
+def test_ranks_chosen_per_module_never_keep_less_than_one_rank_for_all():
+    """At every byte budget the ladder's best is at least as good as one rank for every module (which it also
+    holds), and on a real adapter with unequal modules strictly better somewhere; such an entry says so."""
+    from vbcompress.collection.hold import lowrank_front
+    from vbcompress.units import held_name
+
+    source = load_adapter(ADAPTERS / "gemma3-270m-attn-r4")
+    full, uniform = lowrank_front(source), lowrank_front(source, per_module=False)
+
+    def best(front, budget):
+        return min((t.rel_error for t in front if t.bytes <= budget), default=None)
+
+    budgets = sorted({t.bytes for t in uniform + full})
+    pairs = [(best(full, b), best(uniform, b)) for b in budgets if best(uniform, b) is not None]
+    assert all(f <= u + 1e-9 for f, u in pairs)
+    assert any(f < u - 0.05 for f, u in pairs)
+    assert any(t.ranks is not None for t in full)
+    assert held_name("lowrank", 4, 3, per_module=True) == "int3 factors r≤4"

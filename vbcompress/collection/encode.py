@@ -142,6 +142,7 @@ def encode_held(source: Source, holding: Holding, added_by: str, floor: str) -> 
         floor=floor,
         tried=[asdict(t) for t in holding.tried],
         verdict=holding.verdict.to_json() if holding.verdict else None,
+        per_module=chosen.ranks is not None,
     )
     table = {
         "name": source.name,

@@ -17,6 +17,8 @@ the search bisects. What was tried is recorded with the adapter.
 
 from __future__ import annotations
 
+import bisect
+import heapq
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -48,6 +50,11 @@ class Tried:
     rel_error: float | None
     retention: float | None = None  # KL retention (causal LMs) or effect retention (encoders), held-out text
     met: bool = False
+    ranks: list[int] | None = None  # low-rank factors: each module's rank, in module order (None: `rank` for all)
+
+    @property
+    def key(self) -> tuple:
+        return (self.codec, self.rank, self.bits, tuple(self.ranks or ()))
 
 
 @dataclass
@@ -91,44 +98,103 @@ class Judge:
         return t.rel_error is None or t.rel_error <= self.value
 
 
-def lowrank_front(source: Adapter) -> list[Tried]:
-    """(rank, bits) settings of the low-rank codec on the Pareto front of bytes against ΔW error, cheapest
-    first; errors exact, from the quantized factors."""
+THIN = 1.03  # consecutive front points differ by at least 3% in bytes
+
+
+def lowrank_front(source: Adapter, per_module: bool = True) -> list[Tried]:
+    """Settings of the low-rank codec on the Pareto front of bytes against ΔW error, cheapest first; errors exact,
+    from the quantized factors. Two ways to spend bytes compete at every bit width: one rank for every module,
+    and ranks chosen per module (SARA's idea: a module whose next direction removes more error per byte gets
+    it first, greedily from rank 1 everywhere, on the exact quantized errors)."""
     modules = list(source.modules.values())
     top = max(m.r for m in modules)
     # Balanced factors (their product is the module's ΔW; slicing them is truncation, directions in σ order),
     # kept in float64: each error below is ‖ΔW‖² − 2⟨ΔW, ΔW̃⟩ + ‖ΔW̃‖² from r×r Gram matrices, exact to float64
-    # rounding at the errors a front spans, and no QR per point (the front of a 7B adapter is ~18,000 points).
+    # rounding at the errors a front spans, and no QR per point (a 7B adapter has ~18,000 module points).
     factors = [tuple(t.double() for t in balanced(*m.folded())[:2]) for m in modules]
     norms = [float(gram_sq_norm(b, a)) for b, a in factors]
     ref = sum(norms)
+    if ref <= 0:
+        return [Tried("lowrank", 1, min(BITS), sum(packed_bytes(m.in_features + m.out_features, min(BITS)) for m in modules), None)]
     grid = []
     for bits in BITS:
-        # A's rows are whole quantization groups when `in` is a multiple of the group: quantize once, slice.
-        whole_a = [quantize(a.float(), bits).double() if bits != 16 and a.shape[1] % GROUP == 0 else None for _, a in factors]
-        for rank in range(1, top + 1):
-            size = err = 0.0
-            for m, (b, a), norm, qa in zip(modules, factors, norms, whole_a):
-                r = min(rank, m.r)
+        # err[i][r-1], size[i][r-1]: module i at rank r. A's rows are whole quantization groups when `in` is a
+        # multiple of the group: quantize once, slice.
+        err, size = [], []
+        for m, (b, a), norm in zip(modules, factors, norms):
+            qa = quantize(a.float(), bits).double() if bits != 16 and a.shape[1] % GROUP == 0 else None
+            e, n = [], []
+            for r in range(1, m.r + 1):
                 bt, at = b[:, :r], a[:r]
                 if bits == 16:
                     bt, at = bt.half().double(), at.half().double()
                 else:
                     bt, at = quantize(bt.float(), bits).double(), (qa[:r] if qa is not None else quantize(at.float(), bits).double())
-                size += packed_bytes(r * (m.in_features + m.out_features), bits)
                 cross = float(((b.T @ bt) * (a @ at.T)).sum())
-                err += max(norm - 2 * cross + float(gram_sq_norm(bt, at)), 0.0)
-            grid.append(Tried("lowrank", rank, bits, int(size), (err / ref) ** 0.5 if ref > 0 else None))
+                e.append(max(norm - 2 * cross + float(gram_sq_norm(bt, at)), 0.0))
+                n.append(packed_bytes(r * (m.in_features + m.out_features), bits))
+            err.append(e)
+            size.append(n)
+        for rank in range(1, top + 1):
+            ranks = [min(rank, m.r) for m in modules]
+            grid.append(point(rank, bits, ranks, err, size, ref))
+        if per_module:
+            grid += greedy_points([m.r for m in modules], bits, err, size, ref)
     front, best = [], float("inf")
-    for t in sorted(grid, key=lambda t: (t.bytes, t.rel_error or 0)):
-        if (t.rel_error or 0) < best:
+    for t in sorted(grid, key=lambda t: (t.bytes, t.rel_error, t.ranks is not None)):
+        if t.rel_error < best:
             front.append(t)
-            best = t.rel_error or 0
-    return front
+            best = t.rel_error
+    # Per-module steps make the front dense (hundreds of points); with a base each point the search visits costs
+    # a pass over held-out text, so keep points at least THIN apart in bytes (and the last, the most faithful).
+    # The best point within each one-rank setting's bytes is always kept, so thinning never loses to one rank.
+    sizes = [f.bytes for f in front]
+    anchors = {max(bisect.bisect_right(sizes, t.bytes) - 1, 0) for t in grid if t.ranks is None}
+    kept = front[:1]
+    for i, t in enumerate(front[1:], 1):
+        if i in anchors or t.bytes >= THIN * kept[-1].bytes or i == len(front) - 1:
+            kept.append(t)
+    return kept
 
 
-def hold_lowrank(source: Adapter, rank: int, bits: int) -> tuple[dict, dict]:
-    ranks = {n: min(rank, m.r) for n, m in source.modules.items()}
+def greedy_points(top: list[int], bits: int, err: list[list[float]], size: list[list[int]], ref: float) -> list[Tried]:
+    """From rank 1 everywhere, one direction at a time to the module whose next one removes the most error per
+    byte (``err[i][r-1]``, ``size[i][r-1]``: module i at rank r; ``top[i]`` its own rank): a point per step."""
+    ranks, points = [1] * len(top), []
+
+    def gain(i: int) -> tuple[float, int]:  # negated: heapq pops the smallest
+        r = ranks[i]
+        return (-(err[i][r - 1] - err[i][r]) / max(size[i][r] - size[i][r - 1], 1), i)
+
+    heap = [gain(i) for i in range(len(top)) if top[i] > 1]
+    heapq.heapify(heap)
+    total_err, total_size = sum(e[0] for e in err), sum(n[0] for n in size)
+    while heap:
+        _, i = heapq.heappop(heap)
+        r = ranks[i] = ranks[i] + 1
+        total_err += err[i][r - 1] - err[i][r - 2]
+        total_size += size[i][r - 1] - size[i][r - 2]
+        same = len(set(ranks)) == 1  # one rank after all: said as such
+        points.append(
+            Tried("lowrank", max(ranks), bits, total_size, (max(total_err, 0.0) / ref) ** 0.5, ranks=None if same else list(ranks))
+        )
+        if r < top[i]:
+            heapq.heappush(heap, gain(i))
+    return points
+
+
+def point(rank: int, bits: int, ranks: list[int], err, size, ref: float) -> Tried:
+    """One rank for every module (``ranks`` each module's min(rank, its own))."""
+    total = sum(e[r - 1] for e, r in zip(err, ranks))
+    return Tried("lowrank", rank, bits, sum(n[r - 1] for n, r in zip(size, ranks)), (total / ref) ** 0.5)
+
+
+def hold_lowrank(source: Adapter, rank: int, bits: int, per_module: list[int] | None = None) -> tuple[dict, dict]:
+    """``source``'s top directions stored at ``bits``: ``rank`` for every module, or ``per_module`` ranks in module order."""
+    if per_module is not None:
+        ranks = dict(zip(source.modules, per_module, strict=True))
+    else:
+        ranks = {n: min(rank, m.r) for n, m in source.modules.items()}
     table = {
         "codec": LOWRANK.name,
         "bits": bits,
@@ -186,11 +252,11 @@ def choose(
     held: dict[tuple, tuple] = {}
 
     def attempt_lowrank(t: Tried) -> Tried:
-        key = ("lowrank", t.rank, t.bits)
+        key = t.key
         if key not in held:
-            tensors, table = hold_lowrank(source, t.rank, t.bits)
+            tensors, table = hold_lowrank(source, t.rank, t.bits, t.ranks)
             modules = LOWRANK.decode(tensors, table, None, 0)
-            score = judge.score(Tried("lowrank", t.rank, t.bits, LOWRANK.stored_bytes(tensors), None), modules)
+            score = judge.score(Tried("lowrank", t.rank, t.bits, LOWRANK.stored_bytes(tensors), None, ranks=t.ranks), modules)
             tried.append(score)
             held[key] = (tensors, table, modules, score)
         return held[key][3]
@@ -236,7 +302,7 @@ def choose(
             f"adapter {name!r}: no representation within its own fp16 size keeps {judge.describe()} ({{setting}}){reached}",
             where=source.source,
         )
-    key = ("bank", chosen.rank) if chosen.codec == "bank" else ("lowrank", chosen.rank, chosen.bits)
+    key = ("bank", chosen.rank) if chosen.codec == "bank" else chosen.key
     if key not in held:
         attempt_lowrank(chosen)
     tensors, table, modules, score = held[key]
@@ -262,7 +328,7 @@ def choose(
 
 
 def describe(t: Tried) -> str:
-    return held_name(t.codec, t.rank, t.bits)
+    return held_name(t.codec, t.rank, t.bits, per_module=t.ranks is not None)
 
 
 def keeps(t: Tried) -> str:

@@ -119,6 +119,7 @@ def entry_fields(name: str, data, path: Path, codecs, bits: tuple[int, ...]) -> 
         "verdict": f.obj("verdict", optional=True),
         "codes_sha256": f.str("codes_sha256", optional=True, pattern=HEX64),
         "table_sha256": f.str("table_sha256", optional=True, pattern=HEX64),
+        "per_module": f.bool("per_module"),
     }
 
 

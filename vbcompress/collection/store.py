@@ -93,6 +93,7 @@ class Entry:
     verdict: dict | None = None  # against the best plain representation in no more bytes (vbcompress.verdict)
     codes_sha256: str | None = None  # of codes.safetensors and adapter.json as written: checked on every read
     table_sha256: str | None = None
+    per_module: bool = False  # low-rank factors at ranks chosen per module (adapter.json lists them); `rank` is the largest
 
     @property
     def marginal_bytes(self) -> int:
@@ -101,7 +102,7 @@ class Entry:
     @property
     def held_as(self) -> str:
         """``bank codes r=2`` / ``int4 factors r=1``: how the collection holds it, in words."""
-        return held_name(self.codec, self.rank, self.bits)
+        return held_name(self.codec, self.rank, self.bits, self.per_module)
 
 
 @dataclass

@@ -3,6 +3,7 @@ byte budget. ``lora2vb --dry-run`` prints these next to the plain representation
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -26,29 +27,42 @@ def vb_bytes(adapter: Adapter, fit: FitSettings, output: OutputSettings) -> int:
     return bank + subvectors * (fit.topk * idx + (fit.topk - 1) * 4)
 
 
-def budget_of(adapter: Adapter, size: SizeSettings) -> int | None:
-    """The byte budget ``size`` sets for ``adapter``: ``max_bytes``, or ``target_ratio`` of its fp16 bytes."""
+def budget_for(fp16_bytes: int, size: SizeSettings) -> int | None:
+    """The byte budget ``size`` sets: ``max_bytes``, or ``target_ratio`` of ``fp16_bytes``; None without one."""
     if size.max_bytes is not None:
         return size.max_bytes
     if size.target_ratio is not None:
-        return int(size.target_ratio * adapter.fp16_bytes())
+        return int(size.target_ratio * fp16_bytes)
     return None
 
 
-def fit_for_budget(adapter: Adapter, fit: FitSettings, output: OutputSettings, size: SizeSettings) -> FitSettings:
-    """``fit`` with the largest N (a power of two) whose output fits the budget; unchanged without one."""
-    budget = budget_of(adapter, size)
+def budget_of(adapter: Adapter, size: SizeSettings) -> int | None:
+    """The byte budget ``size`` sets for one adapter (a ratio is of its fp16 bytes)."""
+    return budget_for(adapter.fp16_bytes(), size)
+
+
+def collection_budget(adapters: list[Adapter], size: SizeSettings) -> int | None:
+    """The byte budget ``size`` sets for a whole collection (a ratio is of every source's fp16 bytes together)."""
+    return budget_for(sum(a.fp16_bytes() for a in adapters), size)
+
+
+def largest_fitting(fit: FitSettings, size: SizeSettings, budget: int | None, cost: Callable[[FitSettings], int], what: str) -> FitSettings:
+    """``fit`` with the largest N (a power of two) whose ``cost`` fits ``budget``; unchanged without one.
+    ``what`` names the output in the error when even the smallest N does not fit."""
     if budget is None:
         return fit
-    fitting = [n for n in CANDIDATE_VECTORS if n >= fit.topk and vb_bytes(adapter, replace(fit, num_vectors=n), output) <= budget]
+    fitting = [n for n in CANDIDATE_VECTORS if n >= fit.topk and cost(replace(fit, num_vectors=n)) <= budget]
     if not fitting:
-        least = vb_bytes(adapter, replace(fit, num_vectors=max(2, fit.topk)), output)
+        least = cost(replace(fit, num_vectors=max(2, fit.topk)))
         setting = "max_bytes" if size.max_bytes is not None else "target_ratio"
-        raise SettingError(
-            setting,
-            f"{{setting}} allows {budget} bytes; the smallest VB-LoRA output of this adapter needs {least} (fewer -k or a lower --rank)",
-        )
+        raise SettingError(setting, f"{{setting}} allows {budget} bytes{what} needs {least} (fewer -k or a lower --rank)")
     return replace(fit, num_vectors=max(fitting))
+
+
+def fit_for_budget(adapter: Adapter, fit: FitSettings, output: OutputSettings, size: SizeSettings) -> FitSettings:
+    """``fit`` with the largest N whose VB-LoRA output of ``adapter`` fits the budget; unchanged without one."""
+    cost = lambda f: vb_bytes(adapter, f, output)
+    return largest_fitting(fit, size, budget_of(adapter, size), cost, "; the smallest VB-LoRA output of this adapter")
 
 
 def collection_bytes(adapters: list[Adapter], fit: FitSettings, output: OutputSettings) -> int:
@@ -64,30 +78,10 @@ def collection_bytes(adapters: list[Adapter], fit: FitSettings, output: OutputSe
     return fit.num_vectors * length * (4 if output.bank_dtype == "float32" else 2) + rows * (k * idx + (k - 1) * 2)
 
 
-def collection_budget(adapters: list[Adapter], size: SizeSettings) -> int | None:
-    """The byte budget ``size`` sets for a whole collection: ``max_bytes``, or ``target_ratio`` of every
-    source's fp16 bytes together."""
-    if size.max_bytes is not None:
-        return size.max_bytes
-    if size.target_ratio is not None:
-        return int(size.target_ratio * sum(a.fp16_bytes() for a in adapters))
-    return None
-
-
 def fit_collection_for_budget(adapters: list[Adapter], fit: FitSettings, output: OutputSettings, size: SizeSettings) -> FitSettings:
-    """``fit`` with the largest N (a power of two) whose collection of bank codes fits the budget."""
-    budget = collection_budget(adapters, size)
-    if budget is None:
-        return fit
-    fitting = [n for n in CANDIDATE_VECTORS if n >= fit.topk and collection_bytes(adapters, replace(fit, num_vectors=n), output) <= budget]
-    if not fitting:
-        least = collection_bytes(adapters, replace(fit, num_vectors=max(2, fit.topk)), output)
-        setting = "max_bytes" if size.max_bytes is not None else "target_ratio"
-        raise SettingError(
-            setting,
-            f"{{setting}} allows {budget} bytes for the collection; its smallest bank and codes need {least} (fewer -k or a lower --rank)",
-        )
-    return replace(fit, num_vectors=max(fitting))
+    """``fit`` with the largest N whose collection of bank codes fits the budget; unchanged without one."""
+    cost = lambda f: collection_bytes(adapters, f, output)
+    return largest_fitting(fit, size, collection_budget(adapters, size), cost, " for the collection; its smallest bank and codes")
 
 
 @dataclass

@@ -47,9 +47,13 @@ class BankCodec(Codec):
         return codes
 
     def decode(self, tensors, table, bank, topk) -> dict[str, LoraModule]:
+        return self.modules_of(self.codes(tensors, table, bank.shape[1]), table, bank)
+
+    def modules_of(self, codes: dict[str, VBCode], table: dict, bank: torch.Tensor) -> dict[str, LoraModule]:
+        """Each module's factors decoded from its codes, exactly as PEFT decodes them."""
         fan = bool(table["fan_in_fan_out"])
         out = {}
-        for name, code in self.codes(tensors, table, bank.shape[1]).items():
+        for name, code in codes.items():
             a, b = decode(bank, code)
             out[name] = LoraModule(name=name, A=a, B=b, fan_in_fan_out=fan)
         return out

@@ -296,9 +296,11 @@ class Store:
     def adapter(self, name: str) -> Adapter:
         """Adapter ``name`` decoded (a bank-coded one keeps its :class:`VectorBank`, decoded as PEFT would)."""
         meta, codec, own, carried = self.held(name)
-        modules = codec.decode(own, meta, self.bank, self.topk)
-        vb = VectorBank(bank=self.bank, topk=self.topk, codes=BANK.codes(own, meta, self.bank.shape[1])) if codec is BANK else None
-        return self._as_adapter(name, meta, modules, carried, vb)
+        if codec is not BANK:
+            return self._as_adapter(name, meta, codec.decode(own, meta, self.bank, self.topk), carried, None)
+        codes = BANK.codes(own, meta, self.bank.shape[1])  # read once: the modules and the VectorBank share them
+        vb = VectorBank(bank=self.bank, topk=self.topk, codes=codes)
+        return self._as_adapter(name, meta, BANK.modules_of(codes, meta, self.bank), carried, vb)
 
     def _as_adapter(self, name: str, meta: dict, modules: dict, carried: dict, vb: VectorBank | None) -> Adapter:
         return Adapter(

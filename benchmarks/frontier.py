@@ -3,8 +3,9 @@
 For each adapter of the Gemma 3 270M family in ../shared/adapters, measured on the Gemma base on held-out lines
 (examples/text/heldout.txt, never used for calibration):
 
-- **SVD truncation** at 16/8/4/3/2 bits, every global rank on the bytes-vs-ΔW-error Pareto front (the
-  low-rank codec a collection falls back on: bytes are the stored tensors);
+- **SVD truncation** at 16/8/4/3/2 bits, every point of the bytes-vs-ΔW-error Pareto front (one rank for all
+  modules, ``r=``, or ranks chosen per module, ``r≤``: the low-rank codec a collection falls back on; bytes are
+  the stored tensors);
 - **collection, weight-only codes**: one bank fitted jointly to the whole family (N, L below), each adapter's
   codes sliced to its top r' directions, r' = 1 … r (marginal bytes = its codes; "+bank" adds bank / family size);
 - **collection, calibrated codes** (``--calibrate``): those codes trained on the base against the frozen bank
@@ -147,10 +148,10 @@ def main() -> None:
         for t in lowrank_front(source):
             if t.bytes > args.max_ratio * source.fp16_bytes():
                 break
-            tensors, table = hold_lowrank(source, t.rank, t.bits)
+            tensors, table = hold_lowrank(source, t.rank, t.bits, t.ranks)
             modules = LOWRANK.decode(tensors, table, None, 0)
             kept = probe.measure({n: m.delta_weight() for n, m in modules.items()}).headline
-            label = f"SVD {'fp16' if t.bits == 16 else f'int{t.bits}'} r={t.rank}"
+            label = f"SVD {'fp16' if t.bits == 16 else f'int{t.bits}'} r{'≤' if t.ranks else '='}{t.rank}"
             rows.append(row(name, label, LOWRANK.stored_bytes(tensors), 0, source, kept, t.rel_error))
         top = next(iter(full.values())).rank
         for r in range(1, top + 1):

@@ -135,9 +135,7 @@ def lowrank_front(source: Adapter, per_module: bool = True) -> list[Tried]:
                 n.append(packed_bytes(r * (m.in_features + m.out_features), bits))
             err.append(e)
             size.append(n)
-        for rank in range(1, top + 1):
-            ranks = [min(rank, m.r) for m in modules]
-            grid.append(point(rank, bits, ranks, err, size, ref))
+        grid += [point(rank, bits, err, size, ref) for rank in range(1, top + 1)]
         if per_module:
             grid += greedy_points([m.r for m in modules], bits, err, size, ref)
     front, best = [], float("inf")
@@ -183,10 +181,10 @@ def greedy_points(top: list[int], bits: int, err: list[list[float]], size: list[
     return points
 
 
-def point(rank: int, bits: int, ranks: list[int], err, size, ref: float) -> Tried:
-    """One rank for every module (``ranks`` each module's min(rank, its own))."""
-    total = sum(e[r - 1] for e, r in zip(err, ranks))
-    return Tried("lowrank", rank, bits, sum(n[r - 1] for n, r in zip(size, ranks)), (total / ref) ** 0.5)
+def point(rank: int, bits: int, err: list[list[float]], size: list[list[int]], ref: float) -> Tried:
+    """One rank for every module: each at min(``rank``, its own rank, the length of its row in ``err``)."""
+    total = sum(e[min(rank, len(e)) - 1] for e in err)
+    return Tried("lowrank", rank, bits, sum(n[min(rank, len(n)) - 1] for n in size), (total / ref) ** 0.5)
 
 
 def hold_lowrank(source: Adapter, rank: int, bits: int, per_module: list[int] | None = None) -> tuple[dict, dict]:

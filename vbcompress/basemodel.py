@@ -7,7 +7,6 @@ It takes local paths only; commands resolve Hub ids before they get here.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 from pathlib import Path
 
@@ -113,29 +112,26 @@ class Base:
             raise ShapeError(self.base, f"base model does not fit the adapter: {listed(problems, 5, '; ')}")
 
     def _setup_head(self, text_config) -> None:
-        """Find the final hidden states and the output head, and prove that ``logits(hidden)`` equals the
-        model's own logits (else fall back to the model's full logits: exact, just larger)."""
+        """Find the decoder and the output head, and prove that ``logits(hidden)`` equals the model's own
+        logits (else fall back to the model's full logits: exact, just larger)."""
         self.head = self.model.get_output_embeddings()
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
-        self._captured: list[torch.Tensor] = []
-        self._hidden_ok = False
+        self._decoder, self._prefix = None, ""
         decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
         if decoder is None or decoder is self.model or self.head is None:
             return
-        self._capturing = False  # only hidden() keeps the decoder's output; generate() and forward() do not
-
-        def capture(_module, _inputs, out):
-            if self._capturing:
-                self._captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)
-
-        decoder.register_forward_hook(capture)
-        self._keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        self._hidden_ok = True
+        prefix = next((n for n, m in self.model.named_modules() if m is decoder), None)
+        if not prefix or not all(w.startswith(prefix + ".") for w in self.weights.values()):
+            return
+        # hidden() runs the decoder alone: the model's own forward would still apply the head to a token
+        # per text, reading the whole [vocabulary, d] matrix (671 MB for Gemma 3) for logits nobody uses.
+        self._decoder, self._prefix = decoder, prefix + "."
         with torch.no_grad():
             batch = self.encode(["The quick brown fox jumps over the lazy dog."], 16)
             full = torch.func.functional_call(self.model, {}, args=(), kwargs=dict(batch), strict=False).logits[0]
             mine = self.logits(self.hidden(batch, None)[0])
-        self._hidden_ok = torch.allclose(mine, full, rtol=1e-4, atol=1e-3 * float(full.abs().max()))
+        if not torch.allclose(mine, full, rtol=1e-4, atol=1e-3 * float(full.abs().max())):
+            self._decoder = None
 
     def encode(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
@@ -154,25 +150,21 @@ class Base:
 
     def hidden(self, batch: dict, deltas: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """Causal LMs: final hidden states ``[batch, tokens, d]`` (the head's input), without forming logits."""
-        if not self._hidden_ok:
+        if self._decoder is None:
             return self.forward(batch, deltas)  # "hidden" = logits; self.logits() is then the identity
-        self._captured.clear()
-        self._capturing = True
-        try:
-            self._call(batch, deltas, **({"logits_to_keep": 1} if self._keep else {}))
-        finally:
-            self._capturing = False
-        return self._captured.pop()
+        n = len(self._prefix)
+        overrides = {self.weights[m][n:]: self.params[self.weights[m]] + d.to(self.device) for m, d in (deltas or {}).items()}
+        return torch.func.functional_call(self._decoder, overrides, args=(), kwargs=batch, strict=False).last_hidden_state
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits of hidden states from :meth:`hidden` (``[..., d] → [..., V]``)."""
-        if not self._hidden_ok:
+        if self._decoder is None:
             return h
         return self._cap(self.head(h))
 
     def logits_at(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Logits of hidden states ``h: [T, d]`` for the tokens ``ids: [T, K]`` only (``[T, K]``)."""
-        if not self._hidden_ok:
+        if self._decoder is None:
             return h.gather(-1, ids)
         out = torch.einsum("td,tkd->tk", h, self.head.weight[ids])
         if getattr(self.head, "bias", None) is not None:

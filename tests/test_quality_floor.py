@@ -188,3 +188,26 @@ def test_ranks_chosen_per_module_never_keep_less_than_one_rank_for_all():
     assert any(f < u - 0.05 for f, u in pairs)
     assert any(t.ranks is not None for t in full)
     assert held_name("lowrank", 4, 3, per_module=True) == "int3 factors r≤4"
+
+
+def test_low_rank_tables_written_before_b_rows_read_as_written(tmp_path):
+    """Collections written before 0.2 hold B of low-rank entries as [out, r] row-major (no "B_rows" in the
+    table): they decode to exactly what was stored; a table that says B_rows in a way no version writes is refused."""
+    from vbcompress.baselines import dequantize, quantize_levels
+    from vbcompress.codec.lowrank import LOWRANK, pack_bits
+    from vbcompress.collection.hold import hold_lowrank
+    from vbcompress.errors import FormatError
+
+    source = load_adapter(MINILM_ADAPTER)
+    tensors, table = hold_lowrank(source, 2, 4)
+    assert table["B_rows"] is True
+    old, old_table = dict(tensors), {k: v for k, v in table.items() if k != "B_rows"}
+    for name, m in source.modules.items():
+        b = m.balanced(2)[0]
+        levels, scales = quantize_levels(b, 4)
+        old[f"lowrank.{name}.B.levels"], old[f"lowrank.{name}.B.scales"] = pack_bits(levels, 4), scales
+        want = dequantize(levels, scales, tuple(b.shape))
+        assert torch.equal(LOWRANK.decode(old, old_table, None, 0)[name].B, want)
+    LOWRANK.check(old, old_table, tmp_path, None, 0)
+    with pytest.raises(FormatError, match="B_rows must be true or false"):
+        LOWRANK.check(tensors, {**table, "B_rows": "yes"}, tmp_path, None, 0)

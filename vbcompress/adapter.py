@@ -16,6 +16,7 @@ import torch
 
 from .codec.layout import VectorBank, vb_stored_bytes
 from .errors import ShapeError
+from .linalg import balanced
 
 LINEAR, EMBEDDING, CONV = "linear", "embedding", "conv"
 
@@ -37,6 +38,7 @@ class LoraModule:
     kind: str = LINEAR
     kernel: tuple[int, ...] | None = None
     alpha: float | None = None
+    _balanced: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def r(self) -> int:
@@ -81,6 +83,15 @@ class LoraModule:
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, A)`` in float32 with the scale folded in, so that ``ΔW = B @ A``."""
         return self.B.float() * self.scale, self.A.float()
+
+    def balanced(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`~vbcompress.linalg.balanced` of the folded factors (``B' [out, rank]``, ``A' [rank, in]``, σ),
+        computed once per module and sliced: a collection's floor search asks for many ranks of each module."""
+        key = (self.A.data_ptr(), self.A._version, self.B.data_ptr(), self.B._version, self.scale)
+        if self._balanced is None or self._balanced[0] != key:
+            self._balanced = (key, balanced(*self.folded()))
+        b, a, s = self._balanced[1]
+        return (b, a, s) if rank is None else (b[:, :rank], a[:rank], s[:rank])
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import LoraModule
-from .linalg import balanced, delta_sq_error, gram_sq_norm
+from .linalg import delta_sq_error, gram_sq_norm
 
 GROUP = 64
 BITS = (16, 8, 4, 3, 2)
@@ -60,11 +60,12 @@ def quantize(t: torch.Tensor, bits: int) -> torch.Tensor:
 
 def truncated_factors(m: LoraModule, rank: int, bits: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """``m``'s top ``rank`` directions as balanced factors ``B: [out, rank]``, ``A: [rank, in]``, as stored
-    at ``bits`` (16: fp16; 8, 4: grouped absmax) and read back as float32."""
-    bt, at, _ = balanced(*m.folded(), rank)
+    at ``bits`` (16: fp16; 8, 4: grouped absmax along each direction: rows of A, columns of B) and read back
+    as float32."""
+    bt, at, _ = m.balanced(rank)
     if bits == 16:
         return bt.half().float(), at.half().float()
-    return quantize(bt, bits), quantize(at, bits)
+    return quantize(bt.T, bits).T, quantize(at, bits)  # B grouped along `out`, direction by direction
 
 
 def bytes_per_rank(modules: Iterable[LoraModule], bits: int = 16) -> float:

@@ -4,7 +4,10 @@ or quantized to 2–8 bits in groups of 64 with one fp16 scale each, bit-packed.
 This is the plain representation every report compares against (:mod:`vbcompress.baselines`), stored for
 real: where it keeps more of an adapter than the bank at fewer bytes, a collection holds the adapter this way.
 Tensors per module (``lowrank.<module>.<A|B>``): ``…levels`` (uint8, packed) and ``…scales`` (float16), or
-``…fp16`` at 16 bits. ``A: [r, in]``, ``B: [out, r]``, scale folded.
+``…fp16`` at 16 bits. ``A: [r, in]`` and ``Bᵀ: [r, out]`` row-major, scale folded: every direction's values
+lie together, so a group of 64 never mixes directions of different size, and the top r' directions of a
+stored module are its first r' rows on both sides (the ladder that prices every rank quantizes once).
+Tables written before 0.2 (no ``"B_rows"``) hold ``B: [out, r]`` row-major; they decode as written.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import torch
 from ..adapter import LoraModule
 from ..baselines import GROUP, dequantize, quantize_levels
 from ..errors import FormatError
-from ..linalg import balanced
 from .base import Codec
 
 PREFIX = "lowrank."
@@ -53,8 +55,8 @@ class LowRankCodec(Codec):
         """Each module truncated to ``ranks[name]`` directions and stored at ``bits``."""
         out = {}
         for name, m in modules.items():
-            b, a, _ = balanced(*m.folded(), ranks[name])  # what baselines.truncated_factors stores
-            for side, t in (("A", a), ("B", b)):
+            b, a, _ = m.balanced(ranks[name])  # what baselines.truncated_factors stores
+            for side, t in (("A", a), ("B", b.T)):
                 key = f"{PREFIX}{name}.{side}"
                 if bits == 16:
                     out[key + ".fp16"] = t.half().reshape(-1).contiguous()
@@ -66,20 +68,24 @@ class LowRankCodec(Codec):
     def decode(self, tensors, table, bank, topk) -> dict[str, LoraModule]:
         bits, fan = int(table["bits"]), bool(table["fan_in_fan_out"])
         out = {}
+        rows = bool(table.get("B_rows"))
         for name, fan_in, fan_out, rank in table["modules"]:
             sides = {}
-            for side, shape in (("A", (rank, fan_in)), ("B", (fan_out, rank))):
+            for side, shape in (("A", (rank, fan_in)), ("B", (rank, fan_out) if rows else (fan_out, rank))):
                 key = f"{PREFIX}{name}.{side}"
                 if bits == 16:
                     sides[side] = tensors[key + ".fp16"].float().reshape(shape)
                 else:
                     levels = unpack_bits(tensors[key + ".levels"], bits, shape[0] * shape[1])
                     sides[side] = dequantize(levels, tensors[key + ".scales"], shape)
-            out[name] = LoraModule(name=name, A=sides["A"], B=sides["B"], fan_in_fan_out=fan)
+            B = sides["B"].T.contiguous() if rows else sides["B"]
+            out[name] = LoraModule(name=name, A=sides["A"], B=B, fan_in_fan_out=fan)
         return out
 
     def check(self, tensors, table, path: Path, bank_shape, topk) -> None:
         bits = table.get("bits")
+        if not isinstance(table.get("B_rows", False), bool):
+            raise FormatError(path, f"adapter table: B_rows must be true or false, not {table['B_rows']!r:.40}")
         if bits not in BITS:
             raise FormatError(path, f"low-rank codes at {bits!r} bits (this vbcompress reads {', '.join(map(str, BITS))})")
         expected = {}

@@ -30,7 +30,7 @@ from ..codec.bank import BANK
 from ..codec.layout import VBCode
 from ..codec.lowrank import BITS, LOWRANK, packed_bytes
 from ..errors import SettingError
-from ..linalg import balanced, gram_sq_norm
+from ..linalg import gram_sq_norm
 from ..metrics import measure
 from ..retention import Probe
 from ..settings import QualitySettings
@@ -111,30 +111,19 @@ def lowrank_front(source: Adapter, per_module: bool = True) -> list[Tried]:
     # Balanced factors (their product is the module's ΔW; slicing them is truncation, directions in σ order),
     # kept in float64: each error below is ‖ΔW‖² − 2⟨ΔW, ΔW̃⟩ + ‖ΔW̃‖² from r×r Gram matrices, exact to float64
     # rounding at the errors a front spans, and no QR per point (a 7B adapter has ~18,000 module points).
-    factors = [tuple(t.double() for t in balanced(*m.folded())[:2]) for m in modules]
+    factors = [tuple(t.double() for t in m.balanced()[:2]) for m in modules]
     norms = [float(gram_sq_norm(b, a)) for b, a in factors]
     ref = sum(norms)
     if ref <= 0:
         return [Tried("lowrank", 1, min(BITS), sum(packed_bytes(m.in_features + m.out_features, min(BITS)) for m in modules), None)]
     grid = []
     for bits in BITS:
-        # err[i][r-1], size[i][r-1]: module i at rank r. A's rows are whole quantization groups when `in` is a
-        # multiple of the group: quantize once, slice.
+        # err[i][r-1], size[i][r-1]: module i at rank r.
         err, size = [], []
         for m, (b, a), norm in zip(modules, factors, norms):
-            qa = quantize(a.float(), bits).double() if bits != 16 and a.shape[1] % GROUP == 0 else None
-            e, n = [], []
-            for r in range(1, m.r + 1):
-                bt, at = b[:, :r], a[:r]
-                if bits == 16:
-                    bt, at = bt.half().double(), at.half().double()
-                else:
-                    bt, at = quantize(bt.float(), bits).double(), (qa[:r] if qa is not None else quantize(at.float(), bits).double())
-                cross = float(((b.T @ bt) * (a @ at.T)).sum())
-                e.append(max(norm - 2 * cross + float(gram_sq_norm(bt, at)), 0.0))
-                n.append(packed_bytes(r * (m.in_features + m.out_features), bits))
+            e = [max(norm - 2 * c + g, 0.0) for c, g in zip(*rank_terms(b, a, bits))]
             err.append(e)
-            size.append(n)
+            size.append([packed_bytes(r * (m.in_features + m.out_features), bits) for r in range(1, m.r + 1)])
         grid += [point(rank, bits, err, size, ref) for rank in range(1, top + 1)]
         if per_module:
             grid += greedy_points([m.r for m in modules], bits, err, size, ref)
@@ -153,6 +142,32 @@ def lowrank_front(source: Adapter, per_module: bool = True) -> list[Tried]:
         if i in anchors or t.bytes >= THIN * kept[-1].bytes or i == len(front) - 1:
             kept.append(t)
     return kept
+
+
+def rank_terms(b: torch.Tensor, a: torch.Tensor, bits: int) -> tuple[list[float], list[float]]:
+    """For balanced float64 factors ``b [out, R]``, ``a [R, in]`` and the top r ≤ R directions stored at ``bits``
+    (``b̃``, ``ã``): ``⟨ΔW, ΔW̃⟩`` and ``‖ΔW̃‖²`` for every r, from r×r Gram matrices.
+
+    Stored factors group values direction by direction (rows of ``a`` and of ``bᵀ``), so where ``in`` and
+    ``out`` are multiples of the group, rank r's stored factors are the first r directions of rank R's: quantize
+    once, and every rank's terms are prefix sums of four R×R products (else each rank is quantized apart)."""
+
+    def stored(t: torch.Tensor) -> torch.Tensor:  # t: [r, dim], a direction per row
+        return t.half().double() if bits == 16 else quantize(t.float(), bits).double()
+
+    R = a.shape[0]
+    if bits == 16 or (a.shape[1] % GROUP == 0 and b.shape[0] % GROUP == 0):
+        qa, qbt = stored(a), stored(b.T)
+        cross = ((b.T @ qbt.T) * (a @ qa.T)).sum(0).cumsum(0)  # column j: direction j's share of ⟨ΔW, ΔW̃⟩
+        g = (qbt @ qbt.T) * (qa @ qa.T)
+        gram = (2 * g.tril().sum(1) - g.diagonal()).cumsum(0)  # leading r×r block sums
+        return cross.tolist(), gram.tolist()
+    cross, gram = [], []
+    for r in range(1, R + 1):
+        qa, qbt = stored(a[:r]), stored(b[:, :r].T)
+        cross.append(float(((b.T @ qbt.T) * (a @ qa.T)).sum()))
+        gram.append(float(gram_sq_norm(qbt.T, qa)))
+    return cross, gram
 
 
 def greedy_points(top: list[int], bits: int, err: list[list[float]], size: list[list[int]], ref: float) -> list[Tried]:
@@ -196,6 +211,7 @@ def hold_lowrank(source: Adapter, rank: int, bits: int, per_module: list[int] | 
     table = {
         "codec": LOWRANK.name,
         "bits": bits,
+        "B_rows": True,  # Bᵀ stored row-major (see codec.lowrank)
         "rank": rank,
         "fan_in_fan_out": source.fan_in_fan_out(),
         "modules": [[n, m.in_features, m.out_features, ranks[n]] for n, m in source.modules.items()],

@@ -160,7 +160,7 @@ def main() -> None:
             kept = probe.measure({n: m.delta_weight() for n, m in modules.items()}).headline
             rows.append(row(name, f"bank codes r={r}", BANK.stored_bytes(tensors), shared, source, kept, None))
         if name in args.calibrate:
-            settings = CalibrationSettings(steps=args.calib_steps, samples=args.calib_samples)
+            settings = CalibrationSettings(code_steps=args.calib_steps, samples=args.calib_samples)
             for r in (int(x) for x in args.calib_ranks.split(",")):
                 began = time.perf_counter()
                 vb = VectorBank(bank=bank, topk=run.topk, codes=sliced(full, r))

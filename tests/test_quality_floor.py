@@ -190,6 +190,27 @@ def test_ranks_chosen_per_module_never_keep_less_than_one_rank_for_all():
     assert held_name("lowrank", 4, 3, per_module=True) == "int3 factors r≤4"
 
 
+@pytest.mark.parametrize("cheapest_first", [False, True])
+def test_the_floor_search_finds_the_cheapest_rung_that_meets(cheapest_first):
+    """Whatever rung first meets the floor, the search returns it (None when none does); searching cheapest
+    first, a ladder whose first rung meets costs one attempt, as each calibrated attempt is a training run."""
+    from vbcompress.collection.hold import Tried, first_met
+
+    for n in range(0, 10):
+        for need in range(0, n + 2):  # rungs ≥ need meet; need == n + 1 (or n): none does
+            tried = []
+
+            def attempt(i, need=need, tried=tried):
+                tried.append(i)
+                return Tried("bank", i + 1, None, i, None, met=i >= need)
+
+            got = first_met(n, attempt, cheapest_first=cheapest_first)
+            assert got == (need if need < n else None), (n, need)
+            assert len(tried) <= (2 if cheapest_first else 1) + max(n - 1, 1).bit_length()
+            if cheapest_first and need == 0 and n:
+                assert tried == [0]
+
+
 def test_low_rank_tables_written_before_b_rows_read_as_written(tmp_path):
     """Collections written before 0.2 hold B of low-rank entries as [out, r] row-major (no "B_rows" in the
     table): they decode to exactly what was stored; a table that says B_rows in a way no version writes is refused."""
@@ -211,3 +232,35 @@ def test_low_rank_tables_written_before_b_rows_read_as_written(tmp_path):
     LOWRANK.check(old, old_table, tmp_path, None, 0)
     with pytest.raises(FormatError, match="B_rows must be true or false"):
         LOWRANK.check(tensors, {**table, "B_rows": "yes"}, tmp_path, None, 0)
+
+
+@pytest.mark.slow
+def test_a_calibrated_add_keeps_what_it_says_on_held_out_text(collection, tmp_path):
+    """With a base, an added adapter is held to retention on held-out text: the entry states what it keeps,
+    and the adapter the collection gives back keeps exactly that, measured apart on the same texts; bank
+    codes are calibrated with the bank frozen (the collection's other adapters read back unchanged)."""
+    from vbcompress import CalibrationSettings
+    from vbcompress.bank.calibrate import heldout_split
+    from vbcompress.basemodel import Base, read_texts
+    from vbcompress.retention import retention
+
+    from .conftest import MINILM_BASE, REPO
+
+    root = copy_of(collection, tmp_path)
+    before = {n: Collection(root).adapter(n).delta_weights() for n in Collection(root).names}
+    sibling = load_adapter(MINILM_ADAPTER)  # a sibling of the collection's adapter: what a bank can hold
+    gen = torch.Generator().manual_seed(3)
+    for m in sibling.modules.values():
+        m.A = m.A + 0.3 * m.A.std() * torch.randn(m.A.shape, generator=gen)
+    write_peft_lora(sibling, tmp_path / "sibling")
+    texts, cal = REPO / "examples" / "text" / "calibration.txt", CalibrationSettings(code_steps=10, samples=64)
+    quality = QualitySettings(min_kl_retention=0.3, hold="bank")
+    (entry,) = add(root, [tmp_path / "sibling"], fit=FAST, base=MINILM_BASE, texts=texts, calibration=cal, quality=quality).added
+    assert entry.codec == "bank" and entry.calibrated and entry.retention >= 0.3 and entry.floor == "retention ≥ 0.3"
+    source = load_adapter(tmp_path / "sibling")
+    held, _ = heldout_split(read_texts(texts), cal, torch.Generator().manual_seed(FAST.seed))
+    stored = Collection(root).adapter(entry.name)
+    kept = retention(Base(MINILM_BASE, source), held, source.delta_weights(), stored.delta_weights(), cal.max_length)
+    assert kept.headline == pytest.approx(entry.retention, abs=1e-5)
+    for n, deltas in before.items():
+        assert all(torch.equal(d, Collection(root).adapter(n).delta_weights()[k]) for k, d in deltas.items())

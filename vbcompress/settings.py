@@ -181,7 +181,12 @@ class OutputSettings:
 class CalibrationSettings:
     """Function-space calibration on a base model (``lora2vb --base``, ``add --base``)."""
 
-    steps: int = setting(400, "Calibration optimizer steps.")
+    steps: int = setting(400, "Calibration optimizer steps when bank and logits train (lora2vb).")
+    code_steps: int = setting(100, "Calibration steps when only an adapter's codes train against a frozen bank (pack, add).")
+    code_lr: float = setting(
+        0.1, "Calibration learning rate when only codes train (pack, add; the logits take 10×)."
+    )  # ner-r8 rank-1 codes on the attn-r4 siblings' bank, held-out KL retention: 400 steps at 1e-2 0.382,
+    # 100 steps at 3e-2 0.481 (150), 5e-2 0.559, 1e-1 0.594, 2e-1 0.545 (benchmarks/calibrated_add.py)
     samples: int = setting(256, "Calibration samples (1/8 held out for the report).")
     lr: float = setting(
         1e-2, "Calibration learning rate (logits take 10×, the bank this times its mean magnitude)."
@@ -194,10 +199,12 @@ class CalibrationSettings:
     )
 
     def check(self) -> None:
-        if self.steps < 0 or self.samples < 1:
-            raise SettingError("steps" if self.steps < 0 else "samples", "{setting} must be positive")
-        if not self.lr > 0:
-            raise SettingError("lr", f"{{setting}} must be positive, not {self.lr}")
+        if self.steps < 0 or self.code_steps < 0 or self.samples < 1:
+            name = "samples" if self.samples < 1 else "steps" if self.steps < 0 else "code_steps"
+            raise SettingError(name, "{setting} must be positive")
+        for name in ("lr", "code_lr"):
+            if not getattr(self, name) > 0:
+                raise SettingError(name, f"{{setting}} must be positive, not {getattr(self, name)}")
         if self.teacher_topk < 0 or self.batch_size < 1 or self.max_length < 2:
             name = "teacher_topk" if self.teacher_topk < 0 else "batch_size" if self.batch_size < 1 else "max_length"
             raise SettingError(name, f"{{setting}} {getattr(self, name)} is out of range")

@@ -196,8 +196,7 @@ def calibrate(
     ``freeze_bank`` only the logits train (a bank that other adapters share must not move). Runs on
     ``base.device`` (on a GPU with torch's deterministic kernels, so that a seed gives one result).
     """
-    with deterministic() if base.device.type == "cuda" else contextlib.nullcontext():
-        return _calibrate(source, vb, base, texts, settings, seed, progress, freeze_bank)
+    return Calibration(source, base, texts, settings, seed).run(vb, progress, freeze_bank)
 
 
 def heldout_split(texts: list[str], settings: CalibrationSettings, gen: torch.Generator) -> tuple[list[str], list[str]]:
@@ -209,63 +208,97 @@ def heldout_split(texts: list[str], settings: CalibrationSettings, gen: torch.Ge
     return texts[:n_held], texts[n_held:] or texts
 
 
-def _calibrate(source, vb, base, texts, settings, seed, progress, freeze_bank) -> tuple[VectorBank, CalibrationReport]:
-    start = time.perf_counter()
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    samples = min(len(texts), settings.samples)
-    held, train = heldout_split(texts, settings, gen)
-    device = base.device
-    teacher = {n: d.to(device) for n, d in source.delta_weights().items()}
-    model = BankModel(vb, source).to(device)
-    model.bank.requires_grad_(not freeze_bank)
-    with torch.no_grad():
-        before = retention(base, held, teacher, model.deltas(), settings.max_length) if held else None
-    scale = float(vb.bank.float().abs().mean()) + 1e-12
-    groups = [{"params": list(model.logits), "lr": settings.lr * 10}]
-    if not freeze_bank:
-        groups.append({"params": [model.bank], "lr": settings.lr * scale})
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, settings.steps))
-    objective = TokenKL(base, teacher, settings.teacher_topk) if base.causal else HiddenMSE(base, teacher)
-    batches = [base.encode(chunk, settings.max_length) for chunk in length_batches(base, train, settings.batch_size, gen)]
-    with torch.no_grad():
-        targets = [objective.target(b) for b in batches]
-    losses = []
-    for step in range(settings.steps):
-        i = step % len(batches)
-        loss = objective.loss(batches[i], targets[i], model.deltas())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if progress and (step % 5 == 0 or step == settings.steps - 1):
-            progress("calibrate", step + 1, settings.steps, math.sqrt(max(losses[-1], 0.0)))
-    result = model.vector_bank()
-    with torch.no_grad():
-        after = retention(base, held, teacher, BankModel(result, source).to(device).deltas(), settings.max_length) if held else None
-    result = VectorBank(
-        bank=result.bank.cpu(),
-        topk=result.topk,
-        codes={n: VBCode(**{k: t.cpu() for k, t in vars(c).items()}) for n, c in result.codes.items()},
-    )
-    report = CalibrationReport(
-        steps=settings.steps,
-        samples=samples,
-        heldout_samples=len(held),
-        batch_size=settings.batch_size,
-        max_length=settings.max_length,
-        lr=settings.lr,
-        seed=seed,
-        objective=objective.name,
-        retention_before=before,
-        retention_after=after,
-        first_loss=losses[0] if losses else None,
-        last_loss=losses[-1] if losses else None,
-        frozen_bank=freeze_bank,
-        teacher_topk=settings.teacher_topk if base.causal else None,
-        seconds=time.perf_counter() - start,
-        device=str(device),
-    )
-    return result, report
+class Calibration:
+    """One source's calibration problem, prepared once: the held-out split, the training batches and the
+    teacher's targets on them. :meth:`run` trains any number of banks or codes against it (``add``'s floor
+    search tries several ranks of one adapter; the targets, a forward pass of teacher and base over every
+    batch and a top-K over the vocabulary for causal LMs, are computed only the first time)."""
+
+    def __init__(self, source: Adapter, base: Base, texts: list[str], settings: CalibrationSettings, seed: int = 0):
+        self.source, self.base, self.settings, self.seed = source, base, settings, seed
+        self.gen = torch.Generator().manual_seed(seed)
+        self.samples = min(len(texts), settings.samples)
+        self.held, train = heldout_split(texts, settings, self.gen)
+        self.teacher = {n: d.to(base.device) for n, d in source.delta_weights().items()}
+        topk = settings.teacher_topk
+        self.objective = TokenKL(base, self.teacher, topk) if base.causal else HiddenMSE(base, self.teacher)
+        self.batches = [base.encode(chunk, settings.max_length) for chunk in length_batches(base, train, settings.batch_size, self.gen)]
+        self._targets: list | None = None
+
+    def targets(self) -> list:
+        if self._targets is None:
+            with self._mode(), torch.no_grad():
+                self._targets = [self.objective.target(b) for b in self.batches]
+        return self._targets
+
+    def _mode(self):
+        return deterministic() if self.base.device.type == "cuda" else contextlib.nullcontext()
+
+    def run(
+        self, vb: VectorBank, progress: Progress | None = None, freeze_bank: bool = False, measure: bool = True
+    ) -> tuple[VectorBank, CalibrationReport]:
+        """``vb`` trained on the prepared problem; with ``measure``, retention before and after on the
+        held-out texts (a caller that scores the result itself passes False)."""
+        with self._mode():
+            return self._run(vb, progress, freeze_bank, measure)
+
+    def _run(self, vb, progress, freeze_bank, measure) -> tuple[VectorBank, CalibrationReport]:
+        start = time.perf_counter()
+        settings, base, device, held = self.settings, self.base, self.base.device, self.held if measure else []
+        torch.manual_seed(self.seed)
+        model = BankModel(vb, self.source).to(device)
+        model.bank.requires_grad_(not freeze_bank)
+        with torch.no_grad():
+            before = retention(base, held, self.teacher, model.deltas(), settings.max_length) if held else None
+        scale = float(vb.bank.float().abs().mean()) + 1e-12
+        # Codes against a frozen bank move further than a bank and its codes trained together: a step must be
+        # large enough to swap which bank vectors a sub-vector mixes (settings.code_lr, measured).
+        groups = [{"params": list(model.logits), "lr": (settings.code_lr if freeze_bank else settings.lr) * 10}]
+        if not freeze_bank:
+            groups.append({"params": [model.bank], "lr": settings.lr * scale})
+        opt = torch.optim.Adam(groups)
+        steps = settings.code_steps if freeze_bank else settings.steps
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+        batches, targets = self.batches, self.targets()
+        losses = []
+        for step in range(steps):
+            i = step % len(batches)
+            loss = self.objective.loss(batches[i], targets[i], model.deltas())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if progress and (step % 5 == 0 or step == steps - 1):
+                progress("calibrate", step + 1, steps, math.sqrt(max(losses[-1], 0.0)))
+        result = model.vector_bank()
+        with torch.no_grad():
+            after = (
+                retention(base, held, self.teacher, BankModel(result, self.source).to(device).deltas(), settings.max_length)
+                if held
+                else None
+            )
+        result = VectorBank(
+            bank=result.bank.cpu(),
+            topk=result.topk,
+            codes={n: VBCode(**{k: t.cpu() for k, t in vars(c).items()}) for n, c in result.codes.items()},
+        )
+        report = CalibrationReport(
+            steps=steps,
+            samples=self.samples,
+            heldout_samples=len(self.held),
+            batch_size=settings.batch_size,
+            max_length=settings.max_length,
+            lr=settings.code_lr if freeze_bank else settings.lr,
+            seed=self.seed,
+            objective=self.objective.name,
+            retention_before=before,
+            retention_after=after,
+            first_loss=losses[0] if losses else None,
+            last_loss=losses[-1] if losses else None,
+            frozen_bank=freeze_bank,
+            teacher_topk=settings.teacher_topk if base.causal else None,
+            seconds=time.perf_counter() - start,
+            device=str(device),
+        )
+        return result, report

@@ -113,7 +113,7 @@ def print_entries(entries, verb: str) -> None:
 @settings_options(QualitySettings, "quality")
 @click.option("--base", default=None, help="Base model directory or Hub id: hold each adapter to a retention floor, calibrating its codes.")
 @texts_option
-@settings_options(CalibrationSettings, "calibration")
+@settings_options(CalibrationSettings, "calibration", skip=("steps", "lr"))  # codes only: the bank is frozen
 @click.option("--allow-mixed-bases", is_flag=True, help="Pack adapters whose configs name different base models.")
 @overwrite_option
 @format_option
@@ -185,7 +185,7 @@ def read_list(path: str) -> list[str]:
     help="Base model directory or Hub id: calibrate each new adapter's logits on its function (the bank stays frozen).",
 )
 @texts_option
-@settings_options(CalibrationSettings, "calibration")
+@settings_options(CalibrationSettings, "calibration", skip=("steps", "lr"))  # codes only: the bank is frozen
 @settings_options(QualitySettings, "quality")
 @click.option("--allow-mixed-bases", is_flag=True, help="Add adapters whose configs name another base model.")
 @format_option

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter
-from ..bank.calibrate import calibrate, heldout_split
+from ..bank.calibrate import Calibration
 from ..bank.pipeline import calibration_texts, fit_settings_for, run_fit
 from ..basemodel import Base
 from ..codec.layout import VBCode, VectorBank
@@ -188,12 +188,13 @@ def hold(
         model.check(source.adapter)
         teacher = source.adapter.delta_weights()
         inputs, _ = calibration_texts(model, judging.texts, settings, fit.seed, teacher=teacher)
-        held, _ = heldout_split(inputs, settings, torch.Generator().manual_seed(fit.seed))
-        probe = Probe(model, held, teacher, settings.max_length)
+        calibration = Calibration(source.adapter, model, inputs, settings, seed=fit.seed)
+        probe = Probe(model, calibration.held, teacher, settings.max_length)
 
         def calibrate_codes(trial: dict[str, VBCode]) -> dict[str, VBCode]:
+            # the judge measures the result on the same held-out texts: calibration need not measure it too
             vb = VectorBank(bank=bank, topk=fit.topk, codes=trial)
-            return calibrate(source.adapter, vb, model, inputs, settings, seed=fit.seed, progress=progress, freeze_bank=True)[0].codes
+            return calibration.run(vb, progress, freeze_bank=True, measure=False)[0].codes
 
     judge = Judge(source.adapter, judging.quality, probe)
     offer = (bank, fit.topk, codes) if codes is not None else None

@@ -11,6 +11,8 @@ text with a base model, ΔW error without one. Two representations compete, chea
 
 The low-rank ladder is searched first (cheap to score), which bounds what bank codes may cost; bank ranks
 below that bound are searched from the largest down, so a bank that misses at its best rank costs one try.
+Calibrated codes are tried from rank 1 up instead, and before the ladder: each try is a training run, rank 1
+is where the bank has its ground, and when it meets the floor only cheaper low-rank points are worth scoring.
 Along both ladders quality is assumed to grow with bytes (true of ΔW error; measured, not proven, for KL):
 the search bisects. What was tried is recorded with the adapter.
 """
@@ -234,11 +236,23 @@ def hold_bank(source: Adapter, codes: dict[str, VBCode], bank: torch.Tensor, top
     return BANK.hold(codes, topk, bank.shape[0]), table
 
 
-def first_met(n: int, attempt: Callable[[int], Tried]) -> int | None:
-    """Smallest i in [0, n) whose attempt meets the floor, bisecting (quality assumed to grow with i)."""
-    if n == 0 or not attempt(n - 1).met:
+def first_met(n: int, attempt: Callable[[int], Tried], cheapest_first: bool = False) -> int | None:
+    """Smallest i in [0, n) whose attempt meets the floor, bisecting (quality assumed to grow with i).
+
+    The largest is tried first, so that a ladder that misses everywhere costs one attempt; with
+    ``cheapest_first`` the smallest is tried before it, so that a ladder whose first rung meets costs one
+    (calibrated bank codes: each attempt is a training run, and rank 1 meets most floors it can meet at all).
+    """
+    if n == 0:
         return None
-    lo, hi = 0, n - 1  # hi meets
+    if cheapest_first:
+        if attempt(0).met:
+            return 0
+        if n == 1:
+            return None
+    if not attempt(n - 1).met:
+        return None
+    lo, hi = (1 if cheapest_first else 0), n - 1  # hi meets
     while lo < hi:
         mid = (lo + hi) // 2
         if attempt(mid).met:
@@ -275,9 +289,26 @@ def choose(
             held[key] = (tensors, table, modules, score)
         return held[key][3]
 
+    def attempt_bank(r: int) -> Tried:
+        if ("bank", r) not in held:
+            vectors, topk, codes = bank
+            trial = sliced(codes, r)
+            trial = calibrate(trial) if calibrate is not None else trial
+            tensors, table = hold_bank(source, trial, vectors, topk)
+            modules = BANK.decode(tensors, table, vectors, topk)
+            score = judge.score(Tried("bank", r, None, BANK.stored_bytes(tensors), None), modules)
+            tried.append(score)
+            held[("bank", r)] = (tensors, table, modules, score)
+        return held[("bank", r)][3]
+
+    cap = source.fp16_bytes()
+    if calibrate is not None and bank is not None and quality.hold == "auto" and attempt_bank(1).met:
+        # Calibrated rank-1 codes meet the floor: only low-rank points cheaper than them can win, so the
+        # ladder's search (a pass over held-out text per point) is confined to those.
+        cap = min(cap, attempt_bank(1).bytes - 1)
+
     best_low = None
     if quality.hold in ("auto", "lowrank"):
-        cap = source.fp16_bytes()
         front = [t for t in lowrank_front(source) if t.bytes <= cap]
         if judge.kind == "error":  # exact already: no need to bisect
             hit = next((i for i, t in enumerate(front) if judge.meets(t)), None)
@@ -291,20 +322,7 @@ def choose(
         top = next(iter(codes.values())).rank
         cost = [BANK.stored_bytes(hold_bank(source, sliced(codes, r), vectors, topk)[0]) for r in range(1, top + 1)]
         ranks = [r for r in range(1, top + 1) if best_low is None or cost[r - 1] < best_low.bytes]
-
-        def attempt_bank(i: int) -> Tried:
-            r = ranks[i]
-            if ("bank", r) not in held:
-                trial = sliced(codes, r)
-                trial = calibrate(trial) if calibrate is not None else trial
-                tensors, table = hold_bank(source, trial, vectors, topk)
-                modules = BANK.decode(tensors, table, vectors, topk)
-                score = judge.score(Tried("bank", r, None, BANK.stored_bytes(tensors), None), modules)
-                tried.append(score)
-                held[("bank", r)] = (tensors, table, modules, score)
-            return held[("bank", r)][3]
-
-        hit = first_met(len(ranks), attempt_bank)
+        hit = first_met(len(ranks), lambda i: attempt_bank(ranks[i]), cheapest_first=calibrate is not None)
         best_bank = held[("bank", ranks[hit])][3] if hit is not None else None
 
     chosen = best_bank or best_low

@@ -1,0 +1,119 @@
+"""Time and keep of a calibrated `add`: one gemma-3-270m adapter added with `--base` to a collection of the
+three gemma3-270m-attn-r4 siblings at the default quality floor, then the codes' calibration alone at the rank
+the add chose, under the settings to compare (the first is the baseline: 0.2's 400 steps at lr 1e-2).
+
+The add runs in a spawned child (its own wall time and peak RSS) on a fresh copy of the collection. Every
+retention below is KL retention on examples/text/heldout.txt, never used for calibration nor by the add's own
+floor (which measures on a held-out share of the calibration file).
+
+Build the base once: bash ../shared/bases/make_gemma3_270m.sh ~/.cache/vbcompress/gemma3-270m
+Usage: python benchmarks/calibrated_add.py [--adapter NAME] [--compare STEPS:LR ...] [--heldout K] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vbcompress import CalibrationSettings, FitSettings, load_adapter
+from vbcompress.bank.calibrate import BankModel, Calibration
+from vbcompress.bank.pipeline import fit_settings_for, run_fit
+from vbcompress.basemodel import Base, read_texts
+from vbcompress.codec.layout import VectorBank
+from vbcompress.collection import Collection, add, pack
+from vbcompress.collection.hold import sliced
+from vbcompress.retention import Probe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from causal import ADAPTERS, CALIBRATION, GEMMA, HELDOUT  # noqa: E402
+from collection import rss_peak_gib  # noqa: E402
+
+SIBLINGS = ["gemma3-270m-attn-r4", "gemma3-270m-attn-r4-curriculum_stage1", "gemma3-270m-attn-r4-seed123"]
+
+
+def add_child(args: dict) -> dict:
+    """One calibrated add at the defaults, in a fresh process: wall seconds, peak RSS, how the entry is held."""
+    start = time.perf_counter()
+    # the siblings name gemma3-270m-it, the ner adapters the pretrained google/gemma-3-270m they were trained on
+    (entry,) = add(args["coll"], [args["src"]], base=args["base"], texts=str(CALIBRATION), allow_mixed_bases=True).added
+    tried = [t for t in entry.tried if t["codec"] == "bank"]
+    return {
+        "name": entry.name,
+        "seconds": time.perf_counter() - start,
+        "rss": rss_peak_gib(),
+        "held_as": entry.held_as,
+        "codec": entry.codec,
+        "rank": entry.rank,
+        "bank_tries": [(t["rank"], round(t["retention"], 4), t["met"]) for t in tried],
+        "floor_retention": entry.retention,
+    }
+
+
+def kept(probe: Probe, vb: VectorBank, source) -> float:
+    with torch.no_grad():
+        return probe.measure(BankModel(vb, source).deltas()).headline
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapter", default="gemma3-270m-ner-r8")
+    ap.add_argument("--base", default=str(GEMMA))
+    ap.add_argument("--compare", nargs="*", default=["400:0.01", f"{CalibrationSettings.code_steps}:{CalibrationSettings.code_lr}"])
+    ap.add_argument("--rank", type=int, help="the rank of codes to calibrate in the comparison [default: the add's bank rank, else 1]")
+    ap.add_argument("--heldout", type=int, default=48, help="held-out lines to measure on")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        coll = Path(tmp) / "coll"
+        fit = FitSettings(num_vectors=256, vector_length=128)
+        pack([ADAPTERS / n for n in SIBLINGS], coll, fit)
+        bank = Collection(coll).bank
+        job = {"coll": str(coll), "src": str(ADAPTERS / args.adapter), "base": args.base}
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            added = pool.apply(add_child, (job,))
+        source = load_adapter(ADAPTERS / args.adapter)
+        base = Base(args.base, source)
+        probe = Probe(base, read_texts(HELDOUT)[: args.heldout], source.delta_weights(), CalibrationSettings.max_length)
+        stored = Collection(coll).adapter(added["name"])
+        added["kl_retention"] = probe.measure(stored.delta_weights()).headline
+
+        rank = args.rank or (added["rank"] if added["codec"] == "bank" else 1)
+        codes = run_fit({m: mod.folded() for m, mod in source.modules.items()}, fit_settings_for([source], fit), None, bank=bank).codes
+        start = sliced(codes, rank)
+        rows = [{"settings": "weight fit only", "seconds": 0.0, "kl_retention": kept(probe, VectorBank(bank, 2, start), source)}]
+        texts = read_texts(CALIBRATION)
+        for spec in args.compare:
+            steps, lr = int(spec.split(":")[0]), float(spec.split(":")[1])
+            calibration = Calibration(source, base, texts, CalibrationSettings(code_steps=steps, code_lr=lr))
+            t = time.perf_counter()
+            trained, _ = calibration.run(VectorBank(bank, 2, start), freeze_bank=True, measure=False)
+            seconds = time.perf_counter() - t
+            rows.append({"settings": f"{steps} steps, lr {lr:g}", "seconds": seconds, "kl_retention": kept(probe, trained, source)})
+
+    print(
+        f"calibrated add of {args.adapter} to the attn-r4 siblings' collection, default settings ({torch.get_num_threads()} threads): "
+        f"{added['seconds']:.0f} s wall, peak RSS {added['rss']:.2f} GiB; held as {added['held_as']}; bank ranks tried "
+        f"(rank, floor retention, met): {added['bank_tries']}; KL retention on {args.heldout} held-out lines {added['kl_retention']:.3f}"
+    )
+    base_row = rows[1] if len(rows) > 1 else rows[0]
+    print(f"\ncalibration of its rank-{rank} codes against the frozen bank (the first setting is the baseline):")
+    print("| calibration | seconds | × baseline | KL retention (held-out) | Δ vs baseline |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        speed = f"{base_row['seconds'] / r['seconds']:.2f}× faster" if r["seconds"] else "-"
+        print(
+            f"| {r['settings']} | {r['seconds']:.0f} | {speed} | {r['kl_retention']:.3f} | {r['kl_retention'] - base_row['kl_retention']:+.3f} |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"add": added, "rank": rank, "calibration": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

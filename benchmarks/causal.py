@@ -192,7 +192,7 @@ def main() -> None:
                     if bits == 4 and rank and "lora" not in skip:
                         start = time.perf_counter()
                         trained = train_lora(base, source, rank, read_texts(CALIBRATION), settings, args.lora_lr)
-                        q = {k: (quantize(b.cpu(), 4), quantize(a.cpu(), 4)) for k, (b, a) in trained.items()}
+                        q = {k: (quantize(b.cpu().T, 4).T, quantize(a.cpu(), 4)) for k, (b, a) in trained.items()}
                         row(
                             n,
                             ratio,

@@ -110,6 +110,8 @@ class Base:
             self.weights[name] = f"{name}.weight"
         if problems:
             raise ShapeError(self.base, f"base model does not fit the adapter: {listed(problems, 5, '; ')}")
+        if getattr(self, "_decoder", None) is not None and not all(w.startswith(self._prefix) for w in self.weights.values()):
+            self._decoder = None  # a module outside the decoder (the head itself): full logits, exact
 
     def _setup_head(self, text_config) -> None:
         """Find the decoder and the output head, and prove that ``logits(hidden)`` equals the model's own

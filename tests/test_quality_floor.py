@@ -213,7 +213,8 @@ def test_the_floor_search_finds_the_cheapest_rung_that_meets(cheapest_first):
 
 def test_low_rank_tables_written_before_b_rows_read_as_written(tmp_path):
     """Collections written before 0.2 hold B of low-rank entries as [out, r] row-major (no "B_rows" in the
-    table): they decode to exactly what was stored; a table that says B_rows in a way no version writes is refused."""
+    table): they decode to exactly what was stored. New entries name the side Bt, so a reader that knows only the
+    old layout refuses them instead of misreading; a table that says B_rows in a way no version writes is refused."""
     from vbcompress.baselines import dequantize, quantize_levels
     from vbcompress.codec.lowrank import LOWRANK, pack_bits
     from vbcompress.collection.hold import hold_lowrank
@@ -222,13 +223,18 @@ def test_low_rank_tables_written_before_b_rows_read_as_written(tmp_path):
     source = load_adapter(MINILM_ADAPTER)
     tensors, table = hold_lowrank(source, 2, 4)
     assert table["B_rows"] is True
-    old, old_table = dict(tensors), {k: v for k, v in table.items() if k != "B_rows"}
+    old_table = {k: v for k, v in table.items() if k != "B_rows"}
+    with pytest.raises(FormatError, match="do not match the module table"):  # what a reader before B_rows says
+        LOWRANK.check(tensors, old_table, tmp_path, None, 0)
+    old = {k: t for k, t in tensors.items() if ".Bt." not in k}
+    want = {}
     for name, m in source.modules.items():
         b = m.balanced(2)[0]
         levels, scales = quantize_levels(b, 4)
         old[f"lowrank.{name}.B.levels"], old[f"lowrank.{name}.B.scales"] = pack_bits(levels, 4), scales
-        want = dequantize(levels, scales, tuple(b.shape))
-        assert torch.equal(LOWRANK.decode(old, old_table, None, 0)[name].B, want)
+        want[name] = dequantize(levels, scales, tuple(b.shape))
+    decoded = LOWRANK.decode(old, old_table, None, 0)
+    assert all(torch.equal(decoded[name].B, b) for name, b in want.items())
     LOWRANK.check(old, old_table, tmp_path, None, 0)
     with pytest.raises(FormatError, match="B_rows must be true or false"):
         LOWRANK.check(tensors, {**table, "B_rows": "yes"}, tmp_path, None, 0)

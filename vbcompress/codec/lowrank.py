@@ -3,11 +3,12 @@ or quantized to 2–8 bits in groups of 64 with one fp16 scale each, bit-packed.
 
 This is the plain representation every report compares against (:mod:`vbcompress.baselines`), stored for
 real: where it keeps more of an adapter than the bank at fewer bytes, a collection holds the adapter this way.
-Tensors per module (``lowrank.<module>.<A|B>``): ``…levels`` (uint8, packed) and ``…scales`` (float16), or
+Tensors per module (``lowrank.<module>.<A|Bt>``): ``…levels`` (uint8, packed) and ``…scales`` (float16), or
 ``…fp16`` at 16 bits. ``A: [r, in]`` and ``Bᵀ: [r, out]`` row-major, scale folded: every direction's values
 lie together, so a group of 64 never mixes directions of different size, and the top r' directions of a
 stored module are its first r' rows on both sides (the ladder that prices every rank quantizes once).
-Tables written before 0.2 (no ``"B_rows"``) hold ``B: [out, r]`` row-major; they decode as written.
+Tables written before 0.2 (no ``"B_rows"``) hold ``lowrank.<module>.B: [out, r]`` row-major and decode as written;
+the new side's own name makes an older reader refuse what it would misread.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class LowRankCodec(Codec):
         out = {}
         for name, m in modules.items():
             b, a, _ = m.balanced(ranks[name])  # what baselines.truncated_factors stores
-            for side, t in (("A", a), ("B", b.T)):
+            for side, t in (("A", a), ("Bt", b.T)):
                 key = f"{PREFIX}{name}.{side}"
                 if bits == 16:
                     out[key + ".fp16"] = t.half().reshape(-1).contiguous()
@@ -71,14 +72,14 @@ class LowRankCodec(Codec):
         rows = bool(table.get("B_rows"))
         for name, fan_in, fan_out, rank in table["modules"]:
             sides = {}
-            for side, shape in (("A", (rank, fan_in)), ("B", (rank, fan_out) if rows else (fan_out, rank))):
+            for side, shape in (("A", (rank, fan_in)), ("Bt", (rank, fan_out)) if rows else ("B", (fan_out, rank))):
                 key = f"{PREFIX}{name}.{side}"
                 if bits == 16:
                     sides[side] = tensors[key + ".fp16"].float().reshape(shape)
                 else:
                     levels = unpack_bits(tensors[key + ".levels"], bits, shape[0] * shape[1])
                     sides[side] = dequantize(levels, tensors[key + ".scales"], shape)
-            B = sides["B"].T.contiguous() if rows else sides["B"]
+            B = sides["Bt"].T.contiguous() if rows else sides["B"]
             out[name] = LoraModule(name=name, A=sides["A"], B=B, fan_in_fan_out=fan)
         return out
 
@@ -90,7 +91,7 @@ class LowRankCodec(Codec):
             raise FormatError(path, f"low-rank codes at {bits!r} bits (this vbcompress reads {', '.join(map(str, BITS))})")
         expected = {}
         for name, fan_in, fan_out, rank in table["modules"]:
-            for side, n in (("A", rank * fan_in), ("B", fan_out * rank)):
+            for side, n in (("A", rank * fan_in), ("Bt" if table.get("B_rows") else "B", fan_out * rank)):
                 key = f"{PREFIX}{name}.{side}"
                 if bits == 16:
                     expected[key + ".fp16"] = (torch.float16, [n])

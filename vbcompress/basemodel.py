@@ -110,8 +110,11 @@ class Base:
             self.weights[name] = f"{name}.weight"
         if problems:
             raise ShapeError(self.base, f"base model does not fit the adapter: {listed(problems, 5, '; ')}")
-        if getattr(self, "_decoder", None) is not None and not all(w.startswith(self._prefix) for w in self.weights.values()):
+        if getattr(self, "_decoder", None) is not None and not self._inside_decoder():
             self._decoder = None  # a module outside the decoder (the head itself): full logits, exact
+
+    def _inside_decoder(self) -> bool:
+        return all(w.startswith(self._prefix) for w in self.weights.values())
 
     def _setup_head(self, text_config) -> None:
         """Find the decoder and the output head, and prove that ``logits(hidden)`` equals the model's own
@@ -123,11 +126,12 @@ class Base:
         if decoder is None or decoder is self.model or self.head is None:
             return
         prefix = next((n for n, m in self.model.named_modules() if m is decoder), None)
-        if not prefix or not all(w.startswith(prefix + ".") for w in self.weights.values()):
+        self._prefix = f"{prefix}." if prefix else ""
+        if not prefix or not self._inside_decoder():
             return
         # hidden() runs the decoder alone: the model's own forward would still apply the head to a token
         # per text, reading the whole [vocabulary, d] matrix (671 MB for Gemma 3) for logits nobody uses.
-        self._decoder, self._prefix = decoder, prefix + "."
+        self._decoder = decoder
         with torch.no_grad():
             batch = self.encode(["The quick brown fox jumps over the lazy dog."], 16)
             full = torch.func.functional_call(self.model, {}, args=(), kwargs=dict(batch), strict=False).logits[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter
-from .bank.calibrate import CalibrationReport, calibrate, heldout_split
+from .bank.calibrate import Calibration, CalibrationReport
 from .bank.fit import FitResult
 from .bank.pipeline import calibration_texts, fit_settings_for, run_fit
 from .baselines import truncation
@@ -92,19 +92,21 @@ def _lora2vb(
         calibration = calibration or CalibrationSettings()
         calibration.check()
         model, base_label = Base(base_path, source, device=fit.device), str(base)
-        inputs, label = calibration_texts(model, texts, calibration, fit.seed, teacher=source.delta_weights())
+        teacher = source.delta_weights()
+        inputs, label = calibration_texts(model, texts, calibration, fit.seed, teacher=teacher)
     elif texts is not None:
         raise SettingError("texts", "calibration text ({setting}) needs a base model", where=texts)
-    held = probe = None
+    problem = probe = None
     if model is not None:
-        held, _ = heldout_split(inputs, calibration, torch.Generator().manual_seed(fit.seed))
-        probe = Probe(model, held, source.delta_weights(), calibration.max_length)
+        # prepared once: a retention target's search calibrates at several N against the same targets
+        problem = Calibration(source, model, inputs, calibration, seed=fit.seed, teacher=teacher)
+        probe = Probe(model, problem.held, teacher, calibration.max_length)
 
     def encode(fit: FitSettings):
         result = run_fit({name: m.folded() for name, m in source.modules.items()}, fit, progress)
         fitted, calib_report = VectorBank(bank=result.bank, topk=fit.topk, codes=result.codes), None
-        if model is not None:
-            fitted, calib_report = calibrate(source, fitted, model, inputs, calibration, seed=fit.seed, progress=progress)
+        if problem is not None:
+            fitted, calib_report = problem.run(fitted, progress)
             calib_report = replace(calib_report, base=base_label, data=label, calibration_file=str(texts) if texts else None)
         return fit, result, fitted, calib_report
 

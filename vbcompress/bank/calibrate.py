@@ -214,15 +214,24 @@ class Calibration:
     search tries several ranks of one adapter; the targets, a forward pass of teacher and base over every
     batch and a top-K over the vocabulary for causal LMs, are computed only the first time)."""
 
-    def __init__(self, source: Adapter, base: Base, texts: list[str], settings: CalibrationSettings, seed: int = 0):
+    def __init__(
+        self,
+        source: Adapter,
+        base: Base,
+        texts: list[str],
+        settings: CalibrationSettings,
+        seed: int = 0,
+        teacher: dict[str, torch.Tensor] | None = None,
+    ):
+        """``teacher``: ``source.delta_weights()`` when the caller already has them."""
         self.source, self.base, self.settings, self.seed = source, base, settings, seed
-        self.gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
         self.samples = min(len(texts), settings.samples)
-        self.held, train = heldout_split(texts, settings, self.gen)
-        self.teacher = {n: d.to(base.device) for n, d in source.delta_weights().items()}
+        self.held, train = heldout_split(texts, settings, gen)
+        self.teacher = {n: d.to(base.device) for n, d in (teacher if teacher is not None else source.delta_weights()).items()}
         topk = settings.teacher_topk
         self.objective = TokenKL(base, self.teacher, topk) if base.causal else HiddenMSE(base, self.teacher)
-        self.batches = [base.encode(chunk, settings.max_length) for chunk in length_batches(base, train, settings.batch_size, self.gen)]
+        self.batches = [base.encode(chunk, settings.max_length) for chunk in length_batches(base, train, settings.batch_size, gen)]
         self._targets: list | None = None
 
     def targets(self) -> list:

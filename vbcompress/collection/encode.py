@@ -188,7 +188,7 @@ def hold(
         model.check(source.adapter)
         teacher = source.adapter.delta_weights()
         inputs, _ = calibration_texts(model, judging.texts, settings, fit.seed, teacher=teacher)
-        calibration = Calibration(source.adapter, model, inputs, settings, seed=fit.seed)
+        calibration = Calibration(source.adapter, model, inputs, settings, seed=fit.seed, teacher=teacher)
         probe = Probe(model, calibration.held, teacher, settings.max_length)
 
         def calibrate_codes(trial: dict[str, VBCode]) -> dict[str, VBCode]:

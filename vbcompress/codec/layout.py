@@ -137,27 +137,32 @@ def restored_weights(stored: torch.Tensor) -> torch.Tensor:
     return torch.softmax(torch.log(full), dim=-1)
 
 
-def compact_weights(weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort a code by weight (descending), keep weights ≥ MIN_WEIGHT, return (indices, stored k-1 weights)."""
+def compact_weights(weights: torch.Tensor, indices: torch.Tensor, descending: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort a code by weight, keep weights ≥ MIN_WEIGHT, return (indices, stored k-1 weights); the last weight is
+    restored as 1 − Σ the stored ones, so ascending (the largest restored) keeps small weights exact."""
     k = weights.shape[-1]
     w = weights.double().clamp_min(0)
     w = w / w.sum(-1, keepdim=True)
-    w = w * (1 - k * MIN_WEIGHT) + MIN_WEIGHT
-    w, order = w.sort(dim=-1, descending=True)
+    # floored, not shifted: a code that already reads back from this layout is written again unchanged
+    w = w.clamp_min(MIN_WEIGHT)
+    w = w / w.sum(-1, keepdim=True)
+    w, order = w.sort(dim=-1, descending=descending)
     return indices.gather(-1, order), w[..., : k - 1].float().contiguous()
 
 
 def canonical_code(code: VBCode) -> VBCode:
     """The code exactly as it reads back from the compact layout (weights rounded the way PEFT restores them)."""
-    ia, wa = compact_weights(code.weights_A, code.indices_A)
-    ib, wb = compact_weights(code.weights_B, code.indices_B)
+    ia, wa = compact_weights(code.weights_A, code.indices_A, descending=False)
+    ib, wb = compact_weights(code.weights_B, code.indices_B, descending=False)
     return VBCode(ia, restored_weights(wa), ib, restored_weights(wb))
 
 
 def half_stored(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted indices, k−1 float16 weights) as a collection stores a code: compact, with the weights
-    rounded toward zero so that a row never sums past 1."""
-    sorted_idx, stored = compact_weights(weights, indices)
+    rounded toward zero so that a row never sums past 1. The smallest weights are stored and the largest
+    restored as 1 − Σ them: float16 near 1 is coarse (2⁻¹¹), and the rounding would otherwise hand up to 5e-4
+    to a vector meant to have 1e-6, which matters where that vector is large (a bank grown with small vectors)."""
+    sorted_idx, stored = compact_weights(weights, indices, descending=False)
     half = stored.half()
     half = torch.where(half.float() > stored, torch.nextafter(half, torch.zeros_like(half)), half)
     return sorted_idx, half

@@ -146,7 +146,8 @@ def vblora_tensors(vb: VectorBank, full_logits: bool = False) -> dict[str, torch
                 full = floor.expand(*idx.shape[:-1], vb.num_vectors).clone()
                 tensors[key] = full.scatter(-1, idx.long(), logw).float()
             else:
-                sorted_idx, stored = compact_weights(w, idx)
+                # the largest weight restored as 1 − Σ others (PEFT reads any order): exact where float32 is coarsest
+                sorted_idx, stored = compact_weights(w, idx, descending=False)
                 tensors[key + "_topk_indices"] = sorted_idx.to(idx_dtype)
                 tensors[key + "_topk_weights"] = stored
     return tensors

@@ -118,9 +118,16 @@ class QualitySettings:
         "bank = bank codes only; lowrank = SVD factors only. An adapter nothing meets is refused.",
         choices=HOLDS,
     )
+    grow: int = setting(
+        256,
+        "add: the most vectors an adapter may append to the bank where the bank's codes alone miss the floor and "
+        "codes plus new vectors cost less than plain factors (0: never grow the bank).",
+    )
 
     def check(self, with_base: bool) -> None:
         check_choices(self)
+        if self.grow < 0:
+            raise SettingError("grow", f"{{setting}} must not be negative, not {self.grow}")
         for name in ("min_kl_retention", "max_error"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:

@@ -14,9 +14,9 @@ def fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
-def held_name(codec: str, rank: int, bits: int | None, per_module: bool = False) -> str:
-    """How an adapter is held: ``bank codes r=2``, ``int4 factors r=1``, ``fp16 factors r=8``, or with ranks
-    chosen per module ``int4 factors r≤6``."""
+def held_name(codec: str, rank: int, bits: int | None, per_module: bool = False, vectors: int = 0) -> str:
+    """How an adapter is held: ``bank codes r=2``, ``bank codes r=1 + 32 vectors`` (a grown bank), ``int4
+    factors r=1``, ``fp16 factors r=8``, or with ranks chosen per module ``int4 factors r≤6``."""
     if codec == "bank":
-        return f"bank codes r={rank}"
+        return f"bank codes r={rank}" + (f" + {vectors} vectors" if vectors else "")
     return f"{'fp16' if bits == 16 else f'int{bits}'} factors r{'≤' if per_module else '='}{rank}"

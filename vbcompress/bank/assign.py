@@ -120,17 +120,21 @@ def assign(U: torch.Tensor, bank: torch.Tensor, k: int, candidates: int, partner
 
 
 def solve_bank(
-    U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, old: torch.Tensor, ridge: float = 1e-6
+    U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, old: torch.Tensor, ridge: float = 1e-6, fixed: int = 0
 ) -> torch.Tensor:
     """Closed-form bank minimising ``Σ_s w_s ‖u_s − Σ_k wts_sk · bank[idx_sk]‖²`` for fixed codes.
 
     With the mixing matrix ``C: [S, N]`` (row s holds the code of sub-vector s) the bank solves
-    ``(Cᵀ W C + λI) bank = Cᵀ W U + λ·old``, a small ridge keeping unused vectors where they were.
+    ``(Cᵀ W C + λI) bank = Cᵀ W U + λ·old``, a small ridge keeping unused vectors where they were. The first
+    ``fixed`` rows are held as they are (a grown bank): only the rest are solved for, given them.
     """
     n = old.shape[0]
     M, R = normal_equations(U, w, idx, wts, n)
     lam = ridge * (M.diagonal().mean() + 1e-30)
     M.diagonal().add_(lam)
+    if fixed:
+        rhs = R[fixed:] - M[fixed:, :fixed] @ old[:fixed].double() + lam * old[fixed:].double()
+        return torch.cat([old[:fixed], torch.linalg.solve(M[fixed:, fixed:], rhs).to(old.dtype)])
     return torch.linalg.solve(M, R + lam * old.double()).float()
 
 
@@ -157,14 +161,21 @@ def normal_equations(U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: t
     return M.reshape(n, n), R
 
 
-def reseed_dead(bank: torch.Tensor, U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, gen) -> int:
-    """Move bank vectors no sub-vector uses onto the worst-fitted sub-vectors; returns how many moved."""
+def residuals(bank: torch.Tensor, U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
+    """``[S]`` each sub-vector's weighted squared error under its code."""
+    return w * (U - (wts[..., None] * bank[idx]).sum(1)).square().sum(1)
+
+
+def reseed_dead(bank: torch.Tensor, U: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, gen, start: int = 0) -> int:
+    """Move bank vectors (from row ``start`` on) no sub-vector uses onto the worst-fitted sub-vectors; returns
+    how many moved."""
     used = torch.zeros(bank.shape[0], dtype=torch.bool, device=bank.device)
     used[idx[wts > 1e-4]] = True
+    used[:start] = True
     dead = (~used).nonzero().flatten()
     if len(dead) == 0:
         return 0
-    resid = w * (U - (wts[..., None] * bank[idx]).sum(1)).square().sum(1)
+    resid = residuals(bank, U, w, idx, wts)
     worst = resid.topk(min(len(dead), len(resid))).indices
     bank[dead[: len(worst)]] = U[worst]
     return len(worst)

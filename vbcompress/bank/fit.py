@@ -35,7 +35,7 @@ import torch
 from ..codec.layout import VBCode, code_of, tile_A, tile_B
 from ..linalg import balanced
 from ..settings import FitSettings, Progress
-from .assign import assign, reseed_dead, seed_bank, solve_bank
+from .assign import assign, reseed_dead, residuals, seed_bank, solve_bank
 from .mixing import Mixing
 
 # Alternation stops once the best error improved by less than FitSettings.tol over this many iterations.
@@ -203,6 +203,7 @@ def fit_bank(
     ranks: dict[str, int] | None = None,
     scales: dict[str, float] | None = None,
     bank: torch.Tensor | None = None,
+    grow: int = 0,
 ) -> FitResult:
     """Fit one bank to all modules. ``factors``: name → ``(B [out, r], A [r, in])`` with the scale folded.
 
@@ -210,7 +211,10 @@ def fit_bank(
     resolves ``None`` and ``auto``). ``ranks`` gives each module's kept rank (default: ``settings.rank`` or
     the largest rank, zero-padded); ``scales`` weighs each module's squared error (a collection gives every
     adapter the same total weight). With ``bank: [N, L]`` the bank is frozen and only codes are fitted:
-    one assignment, then refinement of the mixture weights (``add`` to a collection).
+    one assignment, then refinement of the mixture weights (``add`` to a collection). With ``grow`` as well,
+    that many vectors are appended to the frozen bank, fitted to what it leaves unexplained (seeded on the
+    worst-fitted sub-vectors, then the same alternation and refinement with the given rows held fixed); the
+    result's bank is ``[N + grow, L]``, its first N rows unchanged.
     """
     device = torch.device(settings.device)
     gen = torch.Generator().manual_seed(settings.seed)
@@ -245,11 +249,43 @@ def fit_bank(
         lap("other")
         order = prob.order()
         with torch.no_grad():
-            err = float(exact_error(prob, Mixing(idx[order], n)(bank, wts[order])))
+            err = float(exact_error(prob, Mixing(idx[order], bank.shape[0])(bank, wts[order])))
         lap("error")
         return err
 
-    if frozen:
+    def alternate(bank: torch.Tensor, fixed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Assignment and closed-form bank in turn (rows below ``fixed`` held), keeping the best."""
+        idx, wts = assign(U, bank, k, settings.candidates, settings.partners)
+        lap("assign")
+        best = (exact(bank, idx, wts), bank.clone(), idx, wts)
+        bests = [best[0]]
+        note("seed", 0, settings.iters, best[0])
+        for it in range(settings.iters):
+            bank = solve_bank(U, w, idx, wts, bank, fixed=fixed)
+            reseed_dead(bank, U, w, idx, wts, gen, start=fixed)
+            lap("solve")
+            idx, wts = assign(U, bank, k, settings.candidates, settings.partners)
+            lap("assign")
+            err = exact(bank, idx, wts)
+            note("alternate", it + 1, settings.iters, err)
+            if err < best[0]:
+                best = (err, bank.clone(), idx, wts)
+            bests.append(best[0])
+            if len(bests) > PATIENCE and rel(bests[-1]) > (1 - settings.tol) * rel(bests[-1 - PATIENCE]):
+                break  # converged: the refine stage gains more per second from here
+        return best[1], best[2], best[3]
+
+    fixed = 0
+    if frozen and grow:
+        bank = bank.float().to(device)
+        fixed = bank.shape[0]
+        idx, wts = assign(U, bank, k, settings.candidates, settings.partners)
+        lap("assign")
+        # New vectors seeded where the frozen bank leaves error, spread out (k-means++ weighted by that error):
+        # the worst-fitted sub-vectors alone are often near-copies of one direction.
+        bank = torch.cat([bank, seed_bank(U, residuals(bank, U, w, idx, wts), grow, gen)])
+        bank, idx, wts = alternate(bank, fixed)
+    elif frozen:
         bank = bank.float().to(device)
         idx, wts = assign(U, bank, k, settings.candidates, settings.partners)
         lap("assign")
@@ -264,28 +300,10 @@ def fit_bank(
             bound = float(U.abs().max())
             bank = (torch.rand(n, L, generator=gen) * 2 - 1).to(device) * bound
         lap("setup")
-        idx, wts = assign(U, bank, k, settings.candidates, settings.partners)
-        lap("assign")
-        best = (exact(bank, idx, wts), bank.clone(), idx, wts)
-        bests = [best[0]]
-        note("seed", 0, settings.iters, best[0])
-        for it in range(settings.iters):
-            bank = solve_bank(U, w, idx, wts, bank)
-            reseed_dead(bank, U, w, idx, wts, gen)
-            lap("solve")
-            idx, wts = assign(U, bank, k, settings.candidates, settings.partners)
-            lap("assign")
-            err = exact(bank, idx, wts)
-            note("alternate", it + 1, settings.iters, err)
-            if err < best[0]:
-                best = (err, bank.clone(), idx, wts)
-            bests.append(best[0])
-            if len(bests) > PATIENCE and rel(bests[-1]) > (1 - settings.tol) * rel(bests[-1 - PATIENCE]):
-                break  # converged: the refine stage gains more per second from here
-        _, bank, idx, wts = best
+        bank, idx, wts = alternate(bank, 0)
 
     lap("other")
-    bank, wts = refine(prob, bank, idx, wts, settings, note, train_bank=not frozen)
+    bank, wts = refine(prob, bank, idx, wts, settings, note, train_bank=not frozen or fixed > 0, fixed=fixed)
     lap("refine")
     err = exact(bank, idx, wts)
     codes = {}
@@ -297,8 +315,11 @@ def fit_bank(
     return FitResult(bank=bank.cpu(), codes=codes, rel_error=rel(err), history=history, seconds=seconds)
 
 
-def refine(prob: Problem, bank, idx, wts, settings: FitSettings, note, train_bank: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam on bank (unless frozen) and mixture logits (support fixed) against the exact summed ΔW error."""
+def refine(
+    prob: Problem, bank, idx, wts, settings: FitSettings, note, train_bank: bool = True, fixed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam on bank (unless frozen; its first ``fixed`` rows held) and mixture logits (support fixed) against
+    the exact summed ΔW error."""
     steps = settings.refine_steps if train_bank else settings.code_refine_steps
     if steps <= 0 or not (train_bank or settings.topk > 1):
         return bank, wts
@@ -306,6 +327,9 @@ def refine(prob: Problem, bank, idx, wts, settings: FitSettings, note, train_ban
     order = prob.order()
     mixing = Mixing(idx[order], bank.shape[0])
     bank_p = bank.clone().requires_grad_(train_bank)
+    if train_bank and fixed:
+        # Adam moves a parameter only where its gradient has been non-zero: held rows stay exactly as given.
+        bank_p.register_hook(lambda g: torch.cat([g.new_zeros(fixed, g.shape[1]), g[fixed:]]))
     logits = wts[order].clamp_min(1e-6).log().requires_grad_(settings.topk > 1)
     # Adam steps are absolute: scale the bank's by its magnitude; logits live on an O(1) scale.
     groups = [{"params": [bank_p], "lr": settings.refine_lr * (bank.abs().mean().item() + 1e-12)}] if train_bank else []

@@ -66,7 +66,7 @@ def print_collection(info) -> None:
 
 
 def describe(t: dict) -> str:
-    return held_name(t["codec"], t["rank"], t["bits"])
+    return held_name(t["codec"], t["rank"], t["bits"], bool(t.get("ranks")), t.get("vectors", 0))
 
 
 def kept(t: dict) -> str:

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..basemodel import Base
+from ..codec.layout import stored_index_dtype
 from ..errors import FormatError, OutputError, SettingError, VBCompressError
 from ..hub import resolve
 from ..settings import CalibrationSettings, FitSettings, Progress, QualitySettings, resolve_device
@@ -32,6 +33,7 @@ from .store import (
     read_failures,
     settle,
     write_failures,
+    write_grown_bank,
     write_manifest,
 )
 
@@ -52,6 +54,7 @@ class Job:
     allow_mixed_bases: bool = False
     format: str | None = None
     token: str | None = None
+    bank_dtype: str = "float32"  # how the collection stores its bank: the dtype of any vectors the job brings
 
 
 @dataclass
@@ -107,7 +110,8 @@ def encode(job: Job, bank: torch.Tensor, progress: Progress | None = None, judgi
             raise SettingError("name", f"the collection already has an adapter named {s.name!r}{hint}", where=job.given)
         check_sources_fit([s], job.base_model, {}, job.allow_mixed_bases)
         judging = judging or Judging(job.quality)
-        return Outcome(job.given, "added", name=s.name, encoded=encode_one(s, job.fit, bank, judging, progress))
+        encoded = encode_one(s, job.fit, bank, judging, progress, getattr(torch, job.bank_dtype))
+        return Outcome(job.given, "added", name=s.name, encoded=encoded)
     except VBCompressError as e:
         return Outcome(job.given, "failed", name=job.name, error=e)
     except (OSError, SafetensorError, ValueError) as e:  # a source's I/O (a full disk, a bad path, a Hub id): its own failure
@@ -266,10 +270,11 @@ def add(
                 allow_mixed_bases=allow_mixed_bases,
                 format=format,
                 token=token,
+                bank_dtype=str(coll.bank.dtype).removeprefix("torch."),
             )
             for i, g in enumerate(sources)
         ]
-        bank = coll.bank.float()
+        bank = [coll.bank.float()]  # grows as adapters bring vectors; inline encodes see the newest
         failures, note = read_failures(root)
         if note:
             report.notes.append(note)
@@ -283,22 +288,29 @@ def add(
             model = Base(resolve(base, "base", token=token).path, first.adapter, device=resolve_device(run.device))
             judging = Judging(quality, model, texts, settings)
         single = progress if len(jobs) == 1 else None
-        for outcome in executor(jobs, root, bank, workers, ray_address, lambda job: encode(job, bank, single, judging)):
+        for outcome in executor(jobs, root, bank[0], workers, ray_address, lambda job: encode(job, bank[0], single, judging)):
             if outcome.status == "added" and outcome.name in coll.manifest.adapters:  # two sources of one name in a batch
                 problem = f"the collection already has an adapter named {outcome.name!r} (choose another {{setting}})"
                 outcome = Outcome(outcome.given, "failed", name=outcome.name, error=SettingError("name", problem, where=outcome.given))
             if outcome.status == "added":
-                entry, wrote = None, False
+                entry, wrote, before = None, False, None
                 try:
+                    if outcome.encoded.vectors is not None:
+                        before = grow(root, coll, outcome.encoded)
                     entry = write_encoded(root, outcome.encoded, coll.manifest)
                     wrote = True
                     write_manifest(root, coll.manifest)
+                    if before is not None:
+                        bank[0] = coll.bank.float()
+                        discard(root / before[0])  # the bank it replaced (a kill before this: the next writer's debris)
                 except BaseException as e:
-                    # Leave the collection exactly as it was: no entry, no folder of ours (a hard kill leaves
-                    # the folder and its journal; the next writer removes both).
+                    # Leave the collection exactly as it was: no entry, no folder of ours, the bank it had (a hard
+                    # kill leaves the folder, its journal and any grown bank file; the next writer removes them).
                     coll.manifest.adapters.pop(outcome.name, None)
                     if wrote:
                         discard(root / ADAPTERS / outcome.name)
+                    if before is not None:
+                        ungrow(root, coll, before)
                     settle(root, [outcome.name])
                     if isinstance(e, VBCompressError):
                         error = e
@@ -325,6 +337,30 @@ def add(
             if on_outcome:
                 on_outcome(outcome, report)
     return report
+
+
+def grow(root: Path, coll: Store, enc: Encoded) -> tuple[str, str, int]:
+    """Append ``enc``'s vectors to the collection's bank (a new file, named in the manifest in memory only) and
+    point its codes at them; returns what :func:`ungrow` needs to put the bank back."""
+    manifest, old = coll.manifest, coll.bank
+    n, g = old.shape[0], enc.vectors.shape[0]
+    if n != enc.bank_size:  # others grew the bank since this was encoded (workers): its new rows moved down
+        idx = enc.tensors["indices"].long()
+        enc.tensors["indices"] = torch.where(idx >= enc.bank_size, idx + (n - enc.bank_size), idx)
+    enc.tensors["indices"] = enc.tensors["indices"].to(stored_index_dtype(n + g))
+    enc.entry.codes_bytes = sum(t.numel() * t.element_size() for k, t in enc.tensors.items() if k in ("indices", "weights"))
+    enc.entry.bank_rows = [n, n + g]
+    file, digest = write_grown_bank(root, torch.cat([old, enc.vectors.to(old.dtype)]), manifest)
+    coll._bank = None
+    return file, digest, n
+
+
+def ungrow(root: Path, coll: Store, before: tuple[str, str, int]) -> None:
+    manifest = coll.manifest
+    discard(root / manifest.bank_file)
+    manifest.bank_file, manifest.bank_sha256 = before[0], before[1]
+    manifest.settings["num_vectors"] = before[2]
+    coll._bank = None
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ..output import claim_output
 from ..retention import Probe
 from ..settings import CalibrationSettings, FitSettings, OutputSettings, Progress, QualitySettings, SizeSettings, resolve_device
 from ..sizing import collection_budget, fit_collection_for_budget
-from .hold import Holding, Judge, choose
+from .hold import Growth, Holding, Judge, choose
 from .store import BANK_FILE, CollectionSummary, Entry, Manifest, Store, check_name, settle, sha256_of, write_adapter, write_manifest
 
 
@@ -108,6 +108,8 @@ class Encoded:
     entry: Entry
     tensors: dict[str, torch.Tensor]  # the codec's tensors and the carried heads
     table: dict  # adapter.json
+    vectors: torch.Tensor | None = None  # rows [G, L] to append to the bank (codes name them from `bank_size` on)
+    bank_size: int = 0  # the bank's N when this was encoded
 
 
 def encode_held(source: Source, holding: Holding, added_by: str, floor: str) -> Encoded:
@@ -143,6 +145,7 @@ def encode_held(source: Source, holding: Holding, added_by: str, floor: str) -> 
         tried=[asdict(t) for t in holding.tried],
         verdict=holding.verdict.to_json() if holding.verdict else None,
         per_module=chosen.ranks is not None,
+        vectors_bytes=holding.vectors.numel() * holding.vectors.element_size() if holding.vectors is not None else 0,
     )
     table = {
         "name": source.name,
@@ -153,7 +156,7 @@ def encode_held(source: Source, holding: Holding, added_by: str, floor: str) -> 
         "target_modules": target_modules_for(peft_view, list(adapter.modules)),
         "module_errors": holding.errors,
     }
-    return Encoded(entry=entry, tensors={**holding.tensors, **adapter.carried}, table=table)
+    return Encoded(entry=entry, tensors={**holding.tensors, **adapter.carried}, table=table, vectors=holding.vectors)
 
 
 def write_encoded(root: Path, enc: Encoded, manifest: Manifest) -> Entry:
@@ -179,10 +182,12 @@ def hold(
     judging: Judging,
     added_by: str,
     progress: Progress | None = None,
+    bank_dtype: torch.dtype | None = None,
 ) -> Encoded:
     """``source`` held the cheapest way that meets the floor: bank ``codes`` (full rank, sliced and, with a
-    base model, calibrated against the frozen bank) or low-rank factors; see :mod:`.hold`."""
-    probe, calibrate_codes = None, None
+    base model, calibrated against the frozen bank), codes against the bank grown for it (``bank_dtype``: how
+    the collection stores its bank; None: the bank may not grow), or low-rank factors; see :mod:`.hold`."""
+    probe, calibrate_codes, calibration = None, None, None
     if judging.model is not None:
         model, settings = judging.model, judging.calibration or CalibrationSettings()
         model.check(source.adapter)
@@ -196,21 +201,45 @@ def hold(
             vb = VectorBank(bank=bank, topk=fit.topk, codes=trial)
             return calibration.run(vb, progress, freeze_bank=True, measure=False)[0].codes
 
+    growth = None
+    if bank_dtype is not None and codes is not None and judging.quality.grow > 0:
+
+        def grow(rank: int, vectors: int) -> tuple[dict[str, VBCode], torch.Tensor]:
+            factors = {m: mod.folded() for m, mod in source.adapter.modules.items()}
+            result = run_fit(factors, replace(fit, rank=rank), progress, bank=bank, grow=vectors)
+            got, grown = result.codes, result.bank
+            if calibration is not None:  # the new rows train with the codes; the bank's own rows are held
+                vb = calibration.run(VectorBank(grown, fit.topk, got), progress, measure=False, fixed_rows=bank.shape[0])[0]
+                got, grown = vb.codes, vb.bank
+            return got, grown[bank.shape[0] :].to(bank_dtype)
+
+        size = torch.empty(0, dtype=bank_dtype).element_size() * bank.shape[1]
+        growth = Growth(grow, size, judging.quality.grow)
+
     judge = Judge(source.adapter, judging.quality, probe)
     offer = (bank, fit.topk, codes) if codes is not None else None
-    holding = choose(source.name, source.adapter, judge, judging.quality, offer, calibrate_codes)
-    return encode_held(source, holding, added_by, judge.describe())
+    holding = choose(source.name, source.adapter, judge, judging.quality, offer, calibrate_codes, growth)
+    encoded = encode_held(source, holding, added_by, judge.describe())
+    encoded.bank_size = bank.shape[0] if bank is not None else 0
+    return encoded
 
 
-def encode_one(source: Source, fit: FitSettings, bank: torch.Tensor, judging: Judging, progress: Progress | None = None) -> Encoded:
+def encode_one(
+    source: Source,
+    fit: FitSettings,
+    bank: torch.Tensor,
+    judging: Judging,
+    progress: Progress | None = None,
+    bank_dtype: torch.dtype | None = None,
+) -> Encoded:
     """``source`` added to a collection with the frozen ``bank``: codes fitted at its full rank (capped by the
-    collection's), then held the cheapest way that meets the floor."""
+    collection's), then held the cheapest way that meets the floor (``bank_dtype`` given: the bank may grow)."""
     run = fit_settings_for([source.adapter], replace(fit, rank=min(fit.rank or source.rank_cap, source.rank_cap)))
     codes = None
     if judging.quality.hold != "lowrank":
         factors = {m: mod.folded() for m, mod in source.adapter.modules.items()}
         codes = run_fit(factors, run, progress, bank=bank).codes
-    return hold(source, codes, bank, run, judging, "add", progress)
+    return hold(source, codes, bank, run, judging, "add", progress, bank_dtype)
 
 
 def pack(

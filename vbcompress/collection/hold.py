@@ -53,10 +53,11 @@ class Tried:
     retention: float | None = None  # KL retention (causal LMs) or effect retention (encoders), held-out text
     met: bool = False
     ranks: list[int] | None = None  # low-rank factors: each module's rank, in module order (None: `rank` for all)
+    vectors: int = 0  # bank codes: vectors this adapter adds to the bank (a grown bank; their bytes are in `bytes`)
 
     @property
     def key(self) -> tuple:
-        return (self.codec, self.rank, self.bits, tuple(self.ranks or ()))
+        return (self.codec, self.rank, self.bits, tuple(self.ranks or ()), self.vectors)
 
 
 @dataclass
@@ -72,6 +73,21 @@ class Holding:
     errors: dict = field(default_factory=dict)  # per-module ΔW errors of the stored representation
     calibrated: bool = False
     verdict: Verdict | None = None
+    vectors: torch.Tensor | None = None  # a grown bank: the rows ``[G, L]`` (as the bank stores them) the codes' top indices name
+
+
+@dataclass
+class Growth:
+    """Growing the bank for one adapter: ``fit(rank, G)`` → (codes of its top ``rank`` directions against the bank
+    with G new rows, those rows as the bank stores them), fitted to what the bank leaves unexplained (and calibrated
+    with a base); ``vector_bytes`` one stored row; ``most`` the largest G tried."""
+
+    fit: Callable[[int, int], tuple[dict[str, VBCode], torch.Tensor]]
+    vector_bytes: int
+    most: int
+
+
+GROW_FROM = 8  # the smallest growth tried; each next one doubles
 
 
 class Judge:
@@ -269,12 +285,13 @@ def choose(
     quality: QualitySettings,
     bank: tuple[torch.Tensor, int, dict[str, VBCode]] | None,
     calibrate: Callable[[dict[str, VBCode]], dict[str, VBCode]] | None = None,
+    growth: Growth | None = None,
 ) -> Holding:
     """The cheapest representation of ``source`` that meets ``judge``'s floor (see the module docstring).
 
     ``bank``: (bank ``[N, L]``, k, full-rank codes) when bank codes may compete; ``calibrate`` trains sliced
-    codes on the base model. Raises SettingError (naming the floor's setting) when nothing within the
-    adapter's own fp16 size meets it.
+    codes on the base model; ``growth`` may add vectors to the bank where its codes alone miss. Raises
+    SettingError (naming the floor's setting) when nothing within the adapter's own fp16 size meets it.
     """
     tried: list[Tried] = []
     held: dict[tuple, tuple] = {}
@@ -286,7 +303,7 @@ def choose(
             modules = LOWRANK.decode(tensors, table, None, 0)
             score = judge.score(Tried("lowrank", t.rank, t.bits, LOWRANK.stored_bytes(tensors), None, ranks=t.ranks), modules)
             tried.append(score)
-            held[key] = (tensors, table, modules, score)
+            held[key] = (tensors, table, modules, score, None)
         return held[key][3]
 
     def attempt_bank(r: int) -> Tried:
@@ -298,8 +315,21 @@ def choose(
             modules = BANK.decode(tensors, table, vectors, topk)
             score = judge.score(Tried("bank", r, None, BANK.stored_bytes(tensors), None), modules)
             tried.append(score)
-            held[("bank", r)] = (tensors, table, modules, score)
+            held[("bank", r)] = (tensors, table, modules, score, None)
         return held[("bank", r)][3]
+
+    def attempt_grown(r: int, g: int) -> Tried:
+        if ("grown", r, g) not in held:
+            vectors, topk, _ = bank
+            codes, new = growth.fit(r, g)
+            grown = torch.cat([vectors, new.float()])
+            tensors, table = hold_bank(source, codes, grown, topk)
+            modules = BANK.decode(tensors, table, grown, topk)
+            cost = BANK.stored_bytes(tensors) + new.numel() * new.element_size()
+            score = judge.score(Tried("bank", r, None, cost, None, vectors=g), modules)
+            tried.append(score)
+            held[("grown", r, g)] = (tensors, table, modules, score, new)
+        return held[("grown", r, g)][3]
 
     cap = source.fp16_bytes()
     if calibrate is not None and bank is not None and quality.hold == "auto" and attempt_bank(1).met:
@@ -325,7 +355,24 @@ def choose(
         hit = first_met(len(ranks), lambda i: attempt_bank(ranks[i]), cheapest_first=calibrate is not None)
         best_bank = held[("bank", ranks[hit])][3] if hit is not None else None
 
-    chosen = best_bank or best_low
+    best_grown = None
+    if growth is not None and bank is not None and best_bank is None and quality.hold in ("auto", "bank"):
+        # The bank's codes miss: vectors fitted to what it leaves unexplained are appended for this adapter, if
+        # codes plus vectors cost less than what meets the floor otherwise. At the rank plain factors needed.
+        vectors, topk, codes = bank
+        r = growth_rank(source, judge, best_low, top)
+        bound = best_low.bytes if best_low is not None else cap + 1
+        sizes, g = [], GROW_FROM
+        while g <= growth.most:
+            cost = BANK.stored_bytes(BANK.hold(sliced(codes, r), topk, vectors.shape[0] + g)) + g * growth.vector_bytes
+            if cost >= bound:
+                break
+            sizes.append(g)
+            g *= 2
+        hit = first_met(len(sizes), lambda i: attempt_grown(r, sizes[i]), cheapest_first=calibrate is not None)
+        best_grown = held[("grown", r, sizes[hit])][3] if hit is not None else None
+
+    chosen = best_bank or best_grown or best_low
     if chosen is None:
         closest = max(tried, key=lambda t: (t.retention or 0) if judge.kind == "retention" else -(t.rel_error or 0), default=None)
         reached = f"; the closest, {describe(closest)}, reached {keeps(closest)}" if closest else ""
@@ -334,10 +381,10 @@ def choose(
             f"adapter {name!r}: no representation within its own fp16 size keeps {judge.describe()} ({{setting}}){reached}",
             where=source.source,
         )
-    key = ("bank", chosen.rank) if chosen.codec == "bank" else chosen.key
+    key = ("grown", chosen.rank, chosen.vectors) if chosen.vectors else ("bank", chosen.rank) if chosen.codec == "bank" else chosen.key
     if key not in held:
         attempt_lowrank(chosen)
-    tensors, table, modules, score = held[key]
+    tensors, table, modules, score, new = held[key]
     _, errors, _ = measure(source, Adapter(modules=modules, source=source.source))
     plain = best_plain(source.modules.values(), score.bytes)
     if plain is not None and judge.probe is not None:
@@ -353,14 +400,30 @@ def choose(
         tried=sorted(tried, key=lambda t: t.bytes),
         errors={n: asdict(e) for n, e in errors.items()},
         calibrated=chosen.codec == "bank" and calibrate is not None,
+        vectors=new,
         verdict=verdict_of(
             f"its {describe(score)}", source.modules.values(), score.bytes, score.rel_error, score.retention, plain, source.source
         ),
     )
 
 
+def growth_rank(source: Adapter, judge: Judge, best_low: Tried | None, top: int) -> int:
+    """The rank a grown bank codes at: the fewest directions whose exact truncation error is below the floor's ΔW
+    error (four fifths of it: codes add their own), or with a retention floor below the ΔW error of the plain
+    factors that met it (the bank's codes have to reach about as close)."""
+    target = 0.8 * judge.value if judge.kind == "error" else best_low.rel_error if best_low is not None else 0.0
+    sq = torch.zeros(top, dtype=torch.float64)
+    for m in source.modules.values():
+        s = m.balanced()[2].double()[:top]
+        sq[: len(s)] += s.square()
+    if sq.sum() <= 0:
+        return 1
+    left = (1 - sq.cumsum(0) / sq.sum()).clamp_min(0).sqrt()  # left[r-1]: error of the top r directions
+    return next((r for r in range(1, top + 1) if left[r - 1] <= target), top)
+
+
 def describe(t: Tried) -> str:
-    return held_name(t.codec, t.rank, t.bits, per_module=t.ranks is not None)
+    return held_name(t.codec, t.rank, t.bits, per_module=t.ranks is not None, vectors=t.vectors)
 
 
 def keeps(t: Tried) -> str:

@@ -84,8 +84,9 @@ class Fields:
         return v
 
 
-def entry_fields(name: str, data, path: Path, codecs, bits: tuple[int, ...]) -> dict:
-    """The keyword arguments of a manifest :class:`~.store.Entry`, every field checked."""
+def entry_fields(name: str, data, path: Path, codecs, bits: tuple[int, ...], num_vectors: int = MAX_VECTORS) -> dict:
+    """The keyword arguments of a manifest :class:`~.store.Entry`, every field checked (``bank_rows`` inside a
+    bank of ``num_vectors``)."""
     f = Fields(data, path, f"entry {name!r}")
     if f.str("name") != name:
         f.fail("name", f"the entry's key {name!r}")
@@ -120,7 +121,23 @@ def entry_fields(name: str, data, path: Path, codecs, bits: tuple[int, ...]) -> 
         "codes_sha256": f.str("codes_sha256", optional=True, pattern=HEX64),
         "table_sha256": f.str("table_sha256", optional=True, pattern=HEX64),
         "per_module": f.bool("per_module"),
+        "bank_rows": bank_rows(f, num_vectors),
+        "vectors_bytes": f.int("vectors_bytes", optional=True) or 0,
     }
+
+
+def bank_rows(f: Fields, num_vectors: int) -> list[int] | None:
+    rows = f.data.get("bank_rows")
+    if rows is None:
+        return None
+    if (
+        not isinstance(rows, list)
+        or len(rows) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in rows)
+        or not 0 <= rows[0] < rows[1] <= num_vectors
+    ):
+        f.fail("bank_rows", f"[start, stop) inside the bank of {num_vectors} vectors")
+    return rows
 
 
 def check_settings(data, path: Path) -> dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -46,9 +47,10 @@ from ..version import __version__
 from .schema import HEX64, NAME, Fields, check_name, check_settings, check_table, entry_fields
 
 FORMAT = "vbcompress-collection"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a grown bank, in a file named by its hash (bank_file); 1: bank.safetensors
 MANIFEST = MANIFEST_FILE
 BANK_FILE = "bank.safetensors"
+BANK_NAME = re.compile(r"bank(-[0-9a-f]{16})?\.safetensors")  # what a bank file of ours is called
 ADAPTERS = "adapters"
 CODES_FILE = "codes.safetensors"
 ADAPTER_FILE = "adapter.json"
@@ -94,32 +96,41 @@ class Entry:
     codes_sha256: str | None = None  # of codes.safetensors and adapter.json as written: checked on every read
     table_sha256: str | None = None
     per_module: bool = False  # low-rank factors at ranks chosen per module (adapter.json lists them); `rank` is the largest
+    bank_rows: list[int] | None = None  # [start, stop): the bank vectors this adapter brought (a grown bank)
+    vectors_bytes: int = 0  # their bytes in the bank
 
     @property
     def marginal_bytes(self) -> int:
-        return self.codes_bytes + self.carried_bytes
+        """What this adapter added to the collection: its codes, its heads, and the bank vectors it brought."""
+        return self.codes_bytes + self.carried_bytes + self.vectors_bytes
 
     @property
     def held_as(self) -> str:
         """``bank codes r=2`` / ``int4 factors r=1``: how the collection holds it, in words."""
-        return held_name(self.codec, self.rank, self.bits, self.per_module)
+        rows = self.bank_rows
+        return held_name(self.codec, self.rank, self.bits, self.per_module, rows[1] - rows[0] if rows else 0)
 
 
 @dataclass
 class Manifest:
     """``collection.json``: what the collection holds and how its bank was made."""
 
-    settings: dict  # FitSettings as run (vector length, rank cap, device resolved) + bank_dtype
+    settings: dict  # FitSettings as run (vector length, rank cap, device resolved) + bank_dtype; num_vectors as grown
     bank_sha256: str
     adapters: dict[str, Entry] = field(default_factory=dict)
     base_model: str | None = None
     format: str = FORMAT
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
     vbcompress_version: str = __version__
+    bank_file: str = BANK_FILE
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["adapters"] = {name: asdict(e) for name, e in self.adapters.items()}
+        # A reader of version 1 knows only bank.safetensors: a grown bank says it needs a newer one.
+        out["format_version"] = 1 if self.bank_file == BANK_FILE else 2
+        if self.bank_file == BANK_FILE:
+            del out["bank_file"]
         return out
 
     @classmethod
@@ -139,13 +150,15 @@ class Manifest:
                 path, f"collection format version {data.get('format_version')!r} is newer than this vbcompress reads ({FORMAT_VERSION})"
             )
         f = Fields(data, path, "manifest")
+        settings = check_settings(f.obj("settings"), path)
         adapters = {}
         for name, raw in f.obj("adapters").items():
             if not isinstance(name, str) or not NAME.fullmatch(name):
                 raise FormatError(path, f"manifest names an adapter {name!r}: not a valid adapter name")
-            adapters[name] = Entry(**entry_fields(name, raw, path, CODECS, BITS))
+            adapters[name] = Entry(**entry_fields(name, raw, path, CODECS, BITS, settings["num_vectors"]))
         return cls(
-            settings=check_settings(f.obj("settings"), path),
+            settings=settings,
+            bank_file=f.str("bank_file", optional=True, pattern=BANK_NAME) or BANK_FILE,
             bank_sha256=f.str("bank_sha256", pattern=HEX64),
             adapters=adapters,
             base_model=f.str("base_model", optional=True),
@@ -217,7 +230,7 @@ class Store:
     def bank(self) -> torch.Tensor:
         """The shared bank ``[N, L]``, checked against the manifest's hash."""
         if self._bank is None:
-            path = self.inside(self.path / BANK_FILE)
+            path = self.inside(self.path / self.manifest.bank_file)
             if not path.is_file() or sha256_of(path) != self.manifest.bank_sha256:
                 raise FormatError(path, "missing, or not the bank this collection's codes were fitted to (hash differs)")
             check_tensor_file(path)
@@ -241,8 +254,9 @@ class Store:
 
     @property
     def total_bytes(self) -> int:
-        """Bank plus every adapter's codes and carried tensors (tensor bytes, no file headers)."""
-        return self.bank_bytes + sum(e.marginal_bytes for e in self.entries.values())
+        """Bank (grown vectors included) plus every adapter's codes and carried tensors (tensor bytes, no file
+        headers)."""
+        return self.bank_bytes + sum(e.marginal_bytes - e.vectors_bytes for e in self.entries.values())
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.name != LOCK_FILE)
@@ -355,6 +369,9 @@ def clean_debris(root: Path, manifest: Manifest) -> list[str]:
     was adding (not in the manifest) or removing. Symbolic links are unlinked, never followed; folders the
     manifest does not name and no journal claims are left alone (:meth:`Store.unlisted` reports them)."""
     removed = []
+    for p in sorted(root.glob("bank*.safetensors")):  # a grown bank the manifest never named, or one it no longer names
+        if BANK_NAME.fullmatch(p.name) and p.name != manifest.bank_file:
+            removed += discard(p)
     for p in sorted(root.glob(TMP_PREFIX + "*")):
         if p.name.startswith(JOURNAL_PREFIX):
             name = p.name[len(JOURNAL_PREFIX) :]
@@ -418,6 +435,21 @@ def write_adapter(root: Path, entry: Entry, tensors: dict[str, torch.Tensor], ta
         shutil.rmtree(staging, ignore_errors=True)
     manifest.adapters[name] = entry
     return entry
+
+
+def write_grown_bank(root: Path, bank: torch.Tensor, manifest: Manifest) -> tuple[str, str]:
+    """Write ``bank`` (the collection's, with rows appended) to a file named by its hash and point ``manifest`` at it;
+    returns (the file it replaces, the manifest's former hash). Only the caller's manifest write makes it the
+    collection's; until then the file is debris :func:`clean_debris` removes."""
+    staging = root / f"{TMP_PREFIX}bank-{os.getpid()}.safetensors"
+    save_tensors({"bank": bank.contiguous()}, staging)
+    digest = sha256_of(staging)
+    name = f"bank-{digest[:16]}.safetensors"
+    os.replace(staging, root / name)
+    old = (manifest.bank_file, manifest.bank_sha256)
+    manifest.bank_file, manifest.bank_sha256 = name, digest
+    manifest.settings["num_vectors"] = bank.shape[0]
+    return old
 
 
 def settle(root: Path, names) -> None:

@@ -152,3 +152,17 @@ def test_bank_rows_outside_the_bank_are_refused_in_one_line(coll, tmp_path):
     with pytest.raises(FormatError, match=r"collection.json.*bank_rows.*inside the bank") as e:
         Collection(coll)
     assert "\n" not in str(e.value)
+
+
+def test_cli_says_what_an_adapter_brought_and_refuses_a_negative_growth(coll, tmp_path):
+    from click.testing import CliRunner
+
+    from vbcompress.cli import main
+
+    source = str(patterned(tmp_path, 1))
+    refused = CliRunner().invoke(main, ["add", str(coll), source, "--grow", "-1"])
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1 and "--grow" in refused.stderr
+    added = CliRunner().invoke(main, ["add", str(coll), source, "--max-error", "0.2", "--code-refine-steps", "10"])
+    assert added.exit_code == 0, added.output
+    shown = CliRunner().invoke(main, ["inspect", str(coll)]).stdout
+    assert "bank codes r=1 + " in shown and " vectors" in shown

@@ -120,7 +120,7 @@ class QualitySettings:
     )
     grow: int = setting(
         256,
-        "add: the most vectors an adapter may append to the bank where the bank's codes alone miss the floor and "
+        "The most vectors an adapter may append to the bank where the bank's codes alone miss the floor and "
         "codes plus new vectors cost less than plain factors (0: never grow the bank).",
     )
 

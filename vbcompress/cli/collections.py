@@ -110,7 +110,7 @@ def print_entries(entries, verb: str) -> None:
 @settings_options(FitSettings, "fit", skip=("code_refine_steps",))
 @settings_options(OutputSettings, "output", skip=("full_logits",))
 @settings_options(SizeSettings, "size", skip=("dry_run", "min_kl_retention"))
-@settings_options(QualitySettings, "quality")
+@settings_options(QualitySettings, "quality", skip=("grow",))  # pack fits its bank to every source: nothing to grow
 @click.option("--base", default=None, help="Base model directory or Hub id: hold each adapter to a retention floor, calibrating its codes.")
 @texts_option
 @settings_options(CalibrationSettings, "calibration", skip=("steps", "lr"))  # codes only: the bank is frozen

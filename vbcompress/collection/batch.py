@@ -16,11 +16,11 @@ import torch
 from safetensors import SafetensorError
 
 from ..basemodel import Base
-from ..codec.layout import stored_index_dtype
 from ..errors import FormatError, OutputError, SettingError, VBCompressError
 from ..hub import resolve
 from ..settings import CalibrationSettings, FitSettings, Progress, QualitySettings, resolve_device
 from .encode import Encoded, Judging, check_sources_fit, encode_one, load_source, write_encoded
+from .growth import grow, ungrow
 from .store import (
     ADAPTERS,
     Entry,
@@ -33,7 +33,6 @@ from .store import (
     read_failures,
     settle,
     write_failures,
-    write_grown_bank,
     write_manifest,
 )
 
@@ -337,30 +336,6 @@ def add(
             if on_outcome:
                 on_outcome(outcome, report)
     return report
-
-
-def grow(root: Path, coll: Store, enc: Encoded) -> tuple[str, str, int]:
-    """Append ``enc``'s vectors to the collection's bank (a new file, named in the manifest in memory only) and
-    point its codes at them; returns what :func:`ungrow` needs to put the bank back."""
-    manifest, old = coll.manifest, coll.bank
-    n, g = old.shape[0], enc.vectors.shape[0]
-    if n != enc.bank_size:  # others grew the bank since this was encoded (workers): its new rows moved down
-        idx = enc.tensors["indices"].long()
-        enc.tensors["indices"] = torch.where(idx >= enc.bank_size, idx + (n - enc.bank_size), idx)
-    enc.tensors["indices"] = enc.tensors["indices"].to(stored_index_dtype(n + g))
-    enc.entry.codes_bytes = sum(t.numel() * t.element_size() for k, t in enc.tensors.items() if k in ("indices", "weights"))
-    enc.entry.bank_rows = [n, n + g]
-    file, digest = write_grown_bank(root, torch.cat([old, enc.vectors.to(old.dtype)]), manifest)
-    coll._bank = None
-    return file, digest, n
-
-
-def ungrow(root: Path, coll: Store, before: tuple[str, str, int]) -> None:
-    manifest = coll.manifest
-    discard(root / manifest.bank_file)
-    manifest.bank_file, manifest.bank_sha256 = before[0], before[1]
-    manifest.settings["num_vectors"] = before[2]
-    coll._bank = None
 
 
 @dataclass

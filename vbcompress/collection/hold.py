@@ -1,11 +1,14 @@
 """How each adapter of a collection is held: the quality floor, and the fewest bytes that meet it.
 
 Every adapter is held to a floor (:class:`~vbcompress.settings.QualitySettings`): KL retention on held-out
-text with a base model, ΔW error without one. Two representations compete, cheapest first:
+text with a base model, ΔW error without one. Two representations compete (three ways), cheapest first:
 
 - **bank codes** at rank r' (the adapter's top r' singular directions, one rank for all modules, as PEFT's
   VB-LoRA requires): the codes of the full-rank fit sliced to their first r' directions (the fit works in
   the balanced gauge, directions in σ order), calibrated on the base model when one is given;
+- **bank codes against a grown bank** (``add`` only, where the codes above miss): G new vectors fitted to what
+  the bank leaves unexplained, appended for this adapter, G = 8, 16, 32 … while codes plus vectors cost less
+  than the low-rank factors that meet the floor; the largest tried first, then bisected;
 - **low-rank factors**: the top directions of every module stored at 16, 8, 4, 3 or 2 bits (the plain
   representation every report compares against), on the Pareto front of bytes against ΔW error.
 
@@ -369,7 +372,8 @@ def choose(
                 break
             sizes.append(g)
             g *= 2
-        hit = first_met(len(sizes), lambda i: attempt_grown(r, sizes[i]), cheapest_first=calibrate is not None)
+        # the largest first: where growth misses (the common case, measured) it costs one fit or calibration
+        hit = first_met(len(sizes), lambda i: attempt_grown(r, sizes[i]))
         best_grown = held[("grown", r, sizes[hit])][3] if hit is not None else None
 
     chosen = best_bank or best_grown or best_low

@@ -437,21 +437,6 @@ def write_adapter(root: Path, entry: Entry, tensors: dict[str, torch.Tensor], ta
     return entry
 
 
-def write_grown_bank(root: Path, bank: torch.Tensor, manifest: Manifest) -> tuple[str, str]:
-    """Write ``bank`` (the collection's, with rows appended) to a file named by its hash and point ``manifest`` at it;
-    returns (the file it replaces, the manifest's former hash). Only the caller's manifest write makes it the
-    collection's; until then the file is debris :func:`clean_debris` removes."""
-    staging = root / f"{TMP_PREFIX}bank-{os.getpid()}.safetensors"
-    save_tensors({"bank": bank.contiguous()}, staging)
-    digest = sha256_of(staging)
-    name = f"bank-{digest[:16]}.safetensors"
-    os.replace(staging, root / name)
-    old = (manifest.bank_file, manifest.bank_sha256)
-    manifest.bank_file, manifest.bank_sha256 = name, digest
-    manifest.settings["num_vectors"] = bank.shape[0]
-    return old
-
-
 def settle(root: Path, names) -> None:
     """The manifest now says what became of ``names``: their journals go."""
     for name in names:

@@ -28,18 +28,22 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..codec.layout import VBCode, code_of, tile_A, tile_B
 from ..linalg import balanced
 from ..settings import FitSettings, Progress
+from .adam import CosineAdam
 from .assign import assign, reseed_dead, residuals, seed_bank, solve_bank
 from .mixing import Mixing
 
 # Alternation stops once the best error improved by less than FitSettings.tol over this many iterations.
 PATIENCE = 3
+# What refining codes against a frozen bank can gain, as a share of the assignment's error, generously: measured
+# 0.27% (gemma3-270m on its siblings' bank: 0.8976 → 0.8952 after 50 steps, 0.8951 after 300).
+REFINE_REACH = 0.05
 
 
 @dataclass
@@ -204,6 +208,7 @@ def fit_bank(
     scales: dict[str, float] | None = None,
     bank: torch.Tensor | None = None,
     grow: int = 0,
+    refine_within: float | None = None,
 ) -> FitResult:
     """Fit one bank to all modules. ``factors``: name → ``(B [out, r], A [r, in])`` with the scale folded.
 
@@ -214,7 +219,9 @@ def fit_bank(
     one assignment, then refinement of the mixture weights (``add`` to a collection). With ``grow`` as well,
     that many vectors are appended to the frozen bank, fitted to what it leaves unexplained (seeded on the
     worst-fitted sub-vectors, then the same alternation and refinement with the given rows held fixed); the
-    result's bank is ``[N + grow, L]``, its first N rows unchanged.
+    result's bank is ``[N + grow, L]``, its first N rows unchanged. ``refine_within``: with a frozen bank, refine
+    the codes only if the assignment's relative error, less what refinement can gain (``REFINE_REACH``), is at
+    most this (a floor the codes cannot reach either way needs no 50 steps of Adam).
     """
     device = torch.device(settings.device)
     gen = torch.Generator().manual_seed(settings.seed)
@@ -289,7 +296,10 @@ def fit_bank(
         bank = bank.float().to(device)
         idx, wts = assign(U, bank, k, settings.candidates, settings.partners)
         lap("assign")
-        note("assign", 0, 0, exact(bank, idx, wts))
+        err = exact(bank, idx, wts)
+        note("assign", 0, 0, err)
+        if refine_within is not None and rel(err) * (1 - REFINE_REACH) > refine_within:
+            settings = replace(settings, code_refine_steps=0)
     else:
         if settings.init == "kmeans++":
             bank = seed_bank(U, w, n, gen)
@@ -332,12 +342,11 @@ def refine(
         bank_p.register_hook(lambda g: torch.cat([g.new_zeros(fixed, g.shape[1]), g[fixed:]]))
     logits = wts[order].clamp_min(1e-6).log().requires_grad_(settings.topk > 1)
     # Adam steps are absolute: scale the bank's by its magnitude; logits live on an O(1) scale.
-    groups = [{"params": [bank_p], "lr": settings.refine_lr * (bank.abs().mean().item() + 1e-12)}] if train_bank else []
+    groups = [([bank_p], settings.refine_lr * (bank.abs().mean().item() + 1e-12))] if train_bank else []
     if settings.topk > 1:
-        groups.append({"params": [logits], "lr": settings.refine_lr * 10})
-    opt = torch.optim.Adam(groups)
+        groups.append(([logits], settings.refine_lr * 10))
+    opt = CosineAdam(groups, steps)
     best_err, best = None, (bank, wts)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for step in range(steps + 1):
         loss = exact_error(prob, mixing(bank_p, torch.softmax(logits, -1)))
         err = loss.item()
@@ -348,7 +357,6 @@ def refine(
         opt.zero_grad()
         (loss / prob.total_sq).backward()
         opt.step()
-        sched.step()
         if step % 25 == 0:
             note("refine", step, steps, err)
     note("refine", steps, steps, best_err)

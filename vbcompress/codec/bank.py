@@ -36,6 +36,11 @@ class BankCodec(Codec):
         weights = torch.cat(parts_w) if topk > 1 else torch.zeros(indices.shape[0], 0, dtype=torch.float16)
         return {"indices": indices, "weights": weights}
 
+    def size(self, codes: dict[str, VBCode], topk: int, num_vectors: int) -> int:
+        """Bytes :meth:`hold` stores ``codes`` in, without building them: per sub-vector k indices and k−1 weights."""
+        index = torch.empty(0, dtype=stored_index_dtype(num_vectors)).element_size()
+        return sum(c.subvectors for c in codes.values()) * (topk * index + (topk - 1) * 2)
+
     def codes(self, tensors: dict[str, torch.Tensor], table: dict, length: int) -> dict[str, VBCode]:
         """Each module's :class:`VBCode` (weights restored as PEFT restores them), without decoding."""
         indices, weights, rank = tensors["indices"].long(), restored_weights(tensors["weights"].float()), int(table["rank"])

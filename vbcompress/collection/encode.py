@@ -238,7 +238,10 @@ def encode_one(
     codes = None
     if judging.quality.hold != "lowrank":
         factors = {m: mod.folded() for m, mod in source.adapter.modules.items()}
-        codes = run_fit(factors, run, progress, bank=bank).codes
+        kind, floor = judging.quality.floor(judging.model is not None)
+        # against a ΔW floor, codes that miss it by more than refinement can gain are not refined (a 7B add: 5 s)
+        within = floor if kind == "error" else None
+        codes = run_fit(factors, run, progress, bank=bank, refine_within=within).codes
     return hold(source, codes, bank, run, judging, "add", progress, bank_dtype)
 
 

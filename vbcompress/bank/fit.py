@@ -115,13 +115,17 @@ def build_problem(
     device,
     scales: dict[str, float] | None = None,
 ) -> Problem:
-    """Balance every module's ``(B, A)`` (scale folded), keep ``ranks[name]`` directions (zero-padded), and
-    tile. ``scales[name]`` (default 1) weighs the module's error in the objective."""
+    """Balance every module's ``(B, A)`` (scale folded; or take ``(B', A', σ)`` already balanced, as
+    :meth:`~vbcompress.adapter.LoraModule.balanced` caches them), keep ``ranks[name]`` directions (zero-padded),
+    and tile. ``scales[name]`` (default 1) weighs the module's error in the objective."""
     names, Bs, As, subs, weights, spans, cs = [], [], [], [], [], [], []
     start, total = 0, 0.0
-    for name, (B, A) in factors.items():
+    for name, pair in factors.items():
         rank, c = ranks[name], (scales or {}).get(name, 1.0)
-        b, a, s = balanced(B, A, rank)
+        if len(pair) == 3:
+            b, a, s = pair[0][:, :rank], pair[1][:rank], pair[2][:rank]
+        else:
+            b, a, s = balanced(*pair, rank)
         pad = rank - a.shape[0]
         if pad > 0:
             a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
@@ -210,7 +214,8 @@ def fit_bank(
     grow: int = 0,
     refine_within: float | None = None,
 ) -> FitResult:
-    """Fit one bank to all modules. ``factors``: name → ``(B [out, r], A [r, in])`` with the scale folded.
+    """Fit one bank to all modules. ``factors``: name → ``(B [out, r], A [r, in])`` with the scale folded, or
+    balanced ``(B', A', σ)``.
 
     ``settings.vector_length`` must be set and ``settings.device`` be ``cpu`` or ``cuda`` (the command
     resolves ``None`` and ``auto``). ``ranks`` gives each module's kept rank (default: ``settings.rank`` or

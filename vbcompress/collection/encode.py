@@ -205,7 +205,7 @@ def hold(
     if bank_dtype is not None and codes is not None and judging.quality.grow > 0:
 
         def grow(rank: int, vectors: int) -> tuple[dict[str, VBCode], torch.Tensor]:
-            factors = {m: mod.folded() for m, mod in source.adapter.modules.items()}
+            factors = {m: mod.balanced() for m, mod in source.adapter.modules.items()}
             result = run_fit(factors, replace(fit, rank=rank), progress, bank=bank, grow=vectors)
             got, grown = result.codes, result.bank
             if calibration is not None:  # the new rows train with the codes; the bank's own rows are held
@@ -237,7 +237,7 @@ def encode_one(
     run = fit_settings_for([source.adapter], replace(fit, rank=min(fit.rank or source.rank_cap, source.rank_cap)))
     codes = None
     if judging.quality.hold != "lowrank":
-        factors = {m: mod.folded() for m, mod in source.adapter.modules.items()}
+        factors = {m: mod.balanced() for m, mod in source.adapter.modules.items()}  # the floor's ladder reuses them
         kind, floor = judging.quality.floor(judging.model is not None)
         # against a ΔW floor, codes that miss it by more than refinement can gain are not refined (a 7B add: 5 s)
         within = floor if kind == "error" else None

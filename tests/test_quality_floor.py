@@ -270,3 +270,58 @@ def test_a_calibrated_add_keeps_what_it_says_on_held_out_text(collection, tmp_pa
     assert kept.headline == pytest.approx(entry.retention, abs=1e-5)
     for n, deltas in before.items():
         assert all(torch.equal(d, Collection(root).adapter(n).delta_weights()[k]) for k, d in deltas.items())
+
+
+@pytest.mark.slow
+def test_a_calibrated_pack_trains_one_bank_on_what_every_adapter_does(tmp_path):
+    """With a base, pack trains its bank in function space on all its adapters (each against its own teacher,
+    never on its held-out texts) before holding each: every adapter's held-out retention rises over the
+    weight-fitted bank, and the written collection keeps what each entry states."""
+    from vbcompress import CalibrationSettings
+    from vbcompress.bank.shared import calibrate_shared
+    from vbcompress.basemodel import Base
+    from vbcompress.collection.encode import Judging, joint_fit, load_source
+    from vbcompress.retention import retention
+
+    from .conftest import MINILM_BASE, REPO
+
+    sibling = load_adapter(MINILM_ADAPTER)
+    gen = torch.Generator().manual_seed(3)
+    for m in sibling.modules.values():
+        m.A = m.A + 0.5 * m.A.std() * torch.randn(m.A.shape, generator=gen)
+    write_peft_lora(sibling, tmp_path / "sibling")
+    sources = [MINILM_ADAPTER, tmp_path / "sibling"]
+    texts, cal = REPO / "examples" / "text" / "calibration.txt", CalibrationSettings(steps=16, code_steps=5, samples=32)
+    fit = FitSettings(num_vectors=32, vector_length=128, iters=4, refine_steps=30)
+
+    # the library step: one bank, two teachers
+    loaded = [load_source(s, None, None) for s in sources]
+    loaded[1].name = "sibling"
+    bank, codes, run = joint_fit([s.adapter for s in loaded], fit)
+    model = Base(MINILM_BASE, loaded[0].adapter)
+    judging = Judging(QualitySettings(), model, texts, cal)
+    calibrations = [judging.calibration_for(s, run.seed) for s in loaded]
+    trained, trained_codes, report = calibrate_shared(calibrations, bank, codes, run.topk)
+    assert report.steps == 16 and report.last_loss < report.first_loss
+    from vbcompress.bank.calibrate import BankModel
+    from vbcompress.codec.layout import VectorBank
+
+    for c, before_codes, after_codes in zip(calibrations, codes, trained_codes):
+        with torch.no_grad():
+            before = BankModel(VectorBank(bank, run.topk, before_codes), c.source).deltas()
+            after = BankModel(VectorBank(trained, run.topk, after_codes), c.source).deltas()
+        kept = [retention(model, c.held, c.teacher, d, cal.max_length).headline for d in (before, after)]
+        assert kept[1] > kept[0]
+
+    # the command: pack --base trains the bank first, records it, and each entry keeps what it states
+    quality = QualitySettings(min_kl_retention=0.2, hold="bank")
+    summary = pack(sources, tmp_path / "c", fit, names=["bias-st", "sibling"], base=MINILM_BASE, texts=texts, calibration=cal, quality=quality)
+    assert summary.settings["calibrated_bank_steps"] == 16
+    for name, source in zip(["bias-st", "sibling"], sources):
+        entry = summary.entries[name]
+        assert entry.codec == "bank" and entry.retention >= 0.2
+        adapter = load_adapter(source)
+        held = judging.calibration_for(loaded[0] if name == "bias-st" else loaded[1], run.seed).held
+        stored = Collection(tmp_path / "c").adapter(name)
+        kept = retention(Base(MINILM_BASE, adapter), held, adapter.delta_weights(), stored.delta_weights(), cal.max_length)
+        assert kept.headline == pytest.approx(entry.retention, abs=1e-5)

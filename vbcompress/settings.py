@@ -188,7 +188,11 @@ class OutputSettings:
 class CalibrationSettings:
     """Function-space calibration on a base model (``lora2vb --base``, ``add --base``)."""
 
-    steps: int = setting(400, "Calibration optimizer steps when bank and logits train (lora2vb).")
+    steps: int = setting(
+        400,
+        "Calibration optimizer steps when bank and logits train: lora2vb; pack with --base, the shared bank over all "
+        "its adapters in turn (0: the weight-fitted bank, codes calibrated alone).",
+    )
     code_steps: int = setting(100, "Calibration steps when only an adapter's codes train against a frozen bank (pack, add).")
     code_lr: float = setting(
         0.1, "Calibration learning rate when only codes train (pack, add; the logits take 10×)."

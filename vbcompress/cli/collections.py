@@ -113,7 +113,7 @@ def print_entries(entries, verb: str) -> None:
 @settings_options(QualitySettings, "quality", skip=("grow",))  # pack fits its bank to every source: nothing to grow
 @click.option("--base", default=None, help="Base model directory or Hub id: hold each adapter to a retention floor, calibrating its codes.")
 @texts_option
-@settings_options(CalibrationSettings, "calibration", skip=("steps", "lr"))  # codes only: the bank is frozen
+@settings_options(CalibrationSettings, "calibration")  # with --base the bank trains first (steps, lr), then codes
 @click.option("--allow-mixed-bases", is_flag=True, help="Pack adapters whose configs name different base models.")
 @overwrite_option
 @format_option

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ import torch
 from ..adapter import Adapter
 from ..bank.calibrate import Calibration
 from ..bank.pipeline import calibration_texts, fit_settings_for, run_fit
+from ..bank.shared import calibrate_shared
 from ..basemodel import Base
 from ..codec.layout import VBCode, VectorBank
 from ..errors import SettingError, ShapeError
@@ -172,6 +173,17 @@ class Judging:
     model: Base | None = None
     texts: str | os.PathLike | None = None
     calibration: CalibrationSettings | None = None
+    prepared: dict[str, Calibration] = field(default_factory=dict)  # by source name: split and targets made once
+
+    def calibration_for(self, source: Source, seed: int) -> Calibration:
+        """``source``'s calibration problem on the base (held-out split, batches, teacher targets), made once."""
+        if source.name not in self.prepared:
+            settings = self.calibration or CalibrationSettings()
+            self.model.check(source.adapter)
+            teacher = source.adapter.delta_weights()
+            inputs, _ = calibration_texts(self.model, self.texts, settings, seed, teacher=teacher)
+            self.prepared[source.name] = Calibration(source.adapter, self.model, inputs, settings, seed=seed, teacher=teacher)
+        return self.prepared[source.name]
 
 
 def hold(
@@ -189,12 +201,8 @@ def hold(
     the collection stores its bank; None: the bank may not grow), or low-rank factors; see :mod:`.hold`."""
     probe, calibrate_codes, calibration = None, None, None
     if judging.model is not None:
-        model, settings = judging.model, judging.calibration or CalibrationSettings()
-        model.check(source.adapter)
-        teacher = source.adapter.delta_weights()
-        inputs, _ = calibration_texts(model, judging.texts, settings, fit.seed, teacher=teacher)
-        calibration = Calibration(source.adapter, model, inputs, settings, seed=fit.seed, teacher=teacher)
-        probe = Probe(model, calibration.held, teacher, settings.max_length)
+        calibration = judging.calibration_for(source, fit.seed)
+        probe = Probe(judging.model, calibration.held, calibration.teacher, calibration.settings.max_length)
 
         def calibrate_codes(trial: dict[str, VBCode]) -> dict[str, VBCode]:
             # the judge measures the result on the same held-out texts: calibration need not measure it too
@@ -330,6 +338,12 @@ def _pack(loaded: list[Source], target, fit: FitSettings, output: OutputSettings
     cap = fit.rank
     bank, codes, fit = joint_fit([s.adapter for s in loaded], fit, output.bank_dtype, progress)
     settings = {**asdict(replace(fit, rank=cap)), "bank_dtype": output.bank_dtype}
+    if judging.model is not None and (judging.calibration or CalibrationSettings()).steps > 0:
+        # a calibrated pack: the bank (and every adapter's codes) trained on what the adapters do, before each is held
+        calibrations = [judging.calibration_for(s, fit.seed) for s in loaded]
+        trained, codes, _ = calibrate_shared(calibrations, bank.float(), codes, fit.topk, progress)
+        bank = trained.to(bank.dtype)
+        settings["calibrated_bank_steps"] = calibrations[0].settings.steps
     # every source held (or refused) before anything is written
     encoded = [hold(s, c, bank.float(), fit, judging, "pack", progress) for s, c in zip(loaded, codes)]
     with target.write() as tmp:

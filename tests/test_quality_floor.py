@@ -315,7 +315,9 @@ def test_a_calibrated_pack_trains_one_bank_on_what_every_adapter_does(tmp_path):
 
     # the command: pack --base trains the bank first, records it, and each entry keeps what it states
     quality = QualitySettings(min_kl_retention=0.2, hold="bank")
-    summary = pack(sources, tmp_path / "c", fit, names=["bias-st", "sibling"], base=MINILM_BASE, texts=texts, calibration=cal, quality=quality)
+    summary = pack(
+        sources, tmp_path / "c", fit, names=["bias-st", "sibling"], base=MINILM_BASE, texts=texts, calibration=cal, quality=quality
+    )
     assert summary.settings["calibrated_bank_steps"] == 16
     for name, source in zip(["bias-st", "sibling"], sources):
         entry = summary.entries[name]

@@ -299,9 +299,6 @@ def add(
                     entry = write_encoded(root, outcome.encoded, coll.manifest)
                     wrote = True
                     write_manifest(root, coll.manifest)
-                    if before is not None:
-                        bank[0] = coll.bank.float()
-                        discard(root / before[0])  # the bank it replaced (a kill before this: the next writer's debris)
                 except BaseException as e:
                     # Leave the collection exactly as it was: no entry, no folder of ours, the bank it had (a hard
                     # kill leaves the folder, its journal and any grown bank file; the next writer removes them).
@@ -321,6 +318,9 @@ def add(
                 if entry is not None and outcome.status == "added":
                     settle(root, [outcome.name])
                     report.added.append(entry)
+                    if before is not None:  # committed: the bank it replaced goes (a kill first: the next writer's debris)
+                        discard(root / before[0])
+                        bank[0] = coll.bank.float()
             if outcome.status == "added":
                 if failures.pop(outcome.given, None) is not None:
                     write_failures(root, failures)

@@ -227,6 +227,7 @@ def hold(
     judge = Judge(source.adapter, judging.quality, probe)
     offer = (bank, fit.topk, codes) if codes is not None else None
     holding = choose(source.name, source.adapter, judge, judging.quality, offer, calibrate_codes, growth)
+    judging.prepared.pop(source.name, None)  # its teacher and targets: tens of MB each, a batch holds one at a time
     encoded = encode_held(source, holding, added_by, judge.describe())
     encoded.bank_size = bank.shape[0] if bank is not None else 0
     return encoded

@@ -171,6 +171,23 @@ class TokenKL:
         return (t.exp() * (t - torch.log_softmax(self.base.logits(h_s), -1))).sum()
 
 
+def train(groups: list[dict], steps: int, loss_at, progress: Progress | None, stage: str) -> list[float]:
+    """Adam over ``groups`` with a cosine schedule for ``steps`` steps on ``loss_at(step)``; the losses."""
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    losses: list[float] = []
+    for step in range(steps):
+        loss = loss_at(step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if progress and (step % 5 == 0 or step == steps - 1):
+            progress(stage, step + 1, steps, math.sqrt(max(losses[-1], 0.0)))
+    return losses
+
+
 def length_batches(base: Base, texts: list[str], batch_size: int, gen: torch.Generator) -> list[list[str]]:
     """Texts of similar token length batched together, the batches in a seeded random order: a batch costs
     its longest text times its size, so bucketing by length cuts the padding a random batch pays for."""
@@ -272,21 +289,14 @@ class Calibration:
         if not freeze_bank:
             # a grown bank's new rows move with the codes, at their rate (ner-r8, 16 new vectors: 0.661 → 0.700)
             groups.append({"params": [model.bank], "lr": (settings.code_lr if grown else settings.lr) * scale})
-        opt = torch.optim.Adam(groups)
         steps = settings.code_steps if codes_only else settings.steps
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
         batches, targets = self.batches, self.targets()
-        losses = []
-        for step in range(steps):
+
+        def loss_at(step: int) -> torch.Tensor:
             i = step % len(batches)
-            loss = self.objective.loss(batches[i], targets[i], model.deltas())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if progress and (step % 5 == 0 or step == steps - 1):
-                progress("calibrate", step + 1, steps, math.sqrt(max(losses[-1], 0.0)))
+            return self.objective.loss(batches[i], targets[i], model.deltas())
+
+        losses = train(groups, steps, loss_at, progress, "calibrate")
         result = model.vector_bank()
         with torch.no_grad():
             after = (

@@ -9,7 +9,6 @@ adapter's split is the one its :class:`~vbcompress.bank.calibrate.Calibration` k
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from torch import nn
 
 from ..codec.layout import VBCode, VectorBank
 from ..settings import Progress
-from .calibrate import BankModel, Calibration
+from .calibrate import BankModel, Calibration, train
 
 
 @dataclass
@@ -51,26 +50,16 @@ def calibrate_shared(
     scale = float(bank.float().abs().mean()) + 1e-12
     groups = [{"params": [shared], "lr": settings.lr * scale}]
     groups += [{"params": list(m.logits), "lr": settings.lr * 10} for m in models]
-    opt = torch.optim.Adam(groups)
-    steps = settings.steps
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    steps, n = settings.steps, len(calibrations)
     targets = [cal.targets() for cal in calibrations]
-    seen = [0] * len(calibrations)
-    losses: list[float] = []
+
+    def loss_at(step: int) -> torch.Tensor:
+        i = step % n  # round the adapters, each through its own batches in turn
+        cal, b = calibrations[i], (step // n) % len(calibrations[i].batches)
+        return cal.objective.loss(cal.batches[b], targets[i][b], models[i].deltas())
+
     with calibrations[0]._mode():
-        for step in range(steps):
-            i = step % len(calibrations)
-            cal, b = calibrations[i], seen[i] % len(calibrations[i].batches)
-            seen[i] += 1
-            loss = cal.objective.loss(cal.batches[b], targets[i][b], models[i].deltas())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if progress and (step % 5 == 0 or step == steps - 1):
-                progress("calibrate bank", step + 1, steps, math.sqrt(max(losses[-1], 0.0)))
-    n = len(calibrations)
+        losses = train(groups, steps, loss_at, progress, "calibrate bank")
     trained = [m.vector_bank().codes for m in models]
     report = SharedReport(
         steps=steps,

@@ -40,7 +40,8 @@ from vbcompress.codec.bank import BANK  # noqa: E402
 from vbcompress.codec.layout import VectorBank  # noqa: E402
 from vbcompress.codec.lowrank import LOWRANK  # noqa: E402
 from vbcompress.collection.encode import joint_fit  # noqa: E402
-from vbcompress.collection.hold import hold_bank, hold_lowrank, lowrank_front, sliced  # noqa: E402
+from vbcompress.collection.hold import hold_bank, hold_lowrank, sliced  # noqa: E402
+from vbcompress.collection.ladder import lowrank_front  # noqa: E402
 from vbcompress.retention import Probe  # noqa: E402
 from vbcompress.settings import CalibrationSettings  # noqa: E402
 

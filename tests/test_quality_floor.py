@@ -151,7 +151,8 @@ def test_the_low_rank_ladder_states_the_error_its_stored_factors_have(name):
     """Every point of the front a collection chooses from is what storing those factors keeps: the ΔW error of
     the decoded codec tensors, computed densely apart from the ladder's Gram arithmetic."""
     from vbcompress.codec.lowrank import LOWRANK
-    from vbcompress.collection.hold import hold_lowrank, lowrank_front
+    from vbcompress.collection.hold import hold_lowrank
+    from vbcompress.collection.ladder import lowrank_front
 
     source = load_adapter(ADAPTERS / name)
     front = lowrank_front(source)
@@ -173,7 +174,7 @@ def test_the_low_rank_ladder_states_the_error_its_stored_factors_have(name):
 def test_ranks_chosen_per_module_never_keep_less_than_one_rank_for_all():
     """At every byte budget the ladder's best is at least as good as one rank for every module (which it also
     holds), and on a real adapter with unequal modules strictly better somewhere; such an entry says so."""
-    from vbcompress.collection.hold import lowrank_front
+    from vbcompress.collection.ladder import lowrank_front
     from vbcompress.units import held_name
 
     source = load_adapter(ADAPTERS / "gemma3-270m-attn-r4")

@@ -282,6 +282,7 @@ def test_a_calibrated_pack_trains_one_bank_on_what_every_adapter_does(tmp_path):
     from vbcompress.bank.shared import calibrate_shared
     from vbcompress.basemodel import Base
     from vbcompress.collection.encode import Judging, joint_fit, load_source
+    from vbcompress.collection.hold import sliced
     from vbcompress.retention import retention
 
     from .conftest import MINILM_BASE, REPO
@@ -292,7 +293,7 @@ def test_a_calibrated_pack_trains_one_bank_on_what_every_adapter_does(tmp_path):
         m.A = m.A + 0.5 * m.A.std() * torch.randn(m.A.shape, generator=gen)
     write_peft_lora(sibling, tmp_path / "sibling")
     sources = [MINILM_ADAPTER, tmp_path / "sibling"]
-    texts, cal = REPO / "examples" / "text" / "calibration.txt", CalibrationSettings(steps=16, code_steps=5, samples=32)
+    texts, cal = REPO / "examples" / "text" / "calibration.txt", CalibrationSettings(steps=16, code_steps=20, samples=32)
     fit = FitSettings(num_vectors=32, vector_length=128, iters=4, refine_steps=30)
 
     # the library step: one bank, two teachers
@@ -328,3 +329,10 @@ def test_a_calibrated_pack_trains_one_bank_on_what_every_adapter_does(tmp_path):
         stored = Collection(tmp_path / "c").adapter(name)
         kept = retention(Base(MINILM_BASE, adapter), held, adapter.delta_weights(), stored.delta_weights(), cal.max_length)
         assert kept.headline == pytest.approx(entry.retention, abs=1e-5)
+        # and it holds the codes the shared training gave it, not codes retrained alone against the frozen bank after
+        own = trained_codes[0 if name == "bias-st" else 1]
+        with torch.no_grad():
+            as_trained = BankModel(VectorBank(trained, run.topk, sliced(own, entry.rank)), adapter).deltas()
+        assert kept.headline == pytest.approx(
+            retention(model, held, adapter.delta_weights(), as_trained, cal.max_length).headline, abs=2e-4
+        )

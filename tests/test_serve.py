@@ -6,6 +6,7 @@ and vLLM gets a request for held names only."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import multiprocessing
 import os
@@ -261,10 +262,9 @@ def test_compact_load_on_gemma_gives_peft_logits(gemma_base, tmp_path):
     tok = AutoTokenizer.from_pretrained(gemma_base)
     batch = tok(["The river rose overnight and the town woke to water in the streets."], return_tensors="pt")
 
-    def base():
-        return AutoModelForCausalLM.from_pretrained(gemma_base, torch_dtype=torch.float32).eval()
-
-    plain, compact = coll.load_peft(base(), names).eval(), coll.load_peft(base(), names, compact=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(gemma_base, torch_dtype=torch.float32).eval()
+    # one read of the 1.1 GB checkpoint: load_peft wraps the model it is given, so each side gets its own copy
+    plain, compact = coll.load_peft(copy.deepcopy(model), names).eval(), coll.load_peft(model, names, compact=True).eval()
     for name in names:
         plain.set_adapter(name)
         compact.set_adapter(name)

@@ -103,7 +103,8 @@ def _lora2vb(
         probe = Probe(model, problem.held, teacher, calibration.max_length)
 
     def encode(fit: FitSettings):
-        result = run_fit({name: m.folded() for name, m in source.modules.items()}, fit, progress)
+        # balanced once: the verdict's plain baselines read the same cached factors
+        result = run_fit({name: m.balanced() for name, m in source.modules.items()}, fit, progress)
         fitted, calib_report = VectorBank(bank=result.bank, topk=fit.topk, codes=result.codes), None
         if problem is not None:
             fitted, calib_report = problem.run(fitted, progress)

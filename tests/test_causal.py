@@ -157,7 +157,7 @@ def test_bad_causal_inputs_are_refused_before_training(tiny, tmp_path, monkeypat
 # --- the real causal base ---------------------------------------------------------------------------
 
 GEMMA_FIT = FitSettings(num_vectors=256, vector_length=128, iters=5, refine_steps=60)  # calibration is under test, not the fit
-GEMMA_CAL = CalibrationSettings(steps=6, samples=24, max_length=32)
+GEMMA_CAL = CalibrationSettings(steps=6, samples=24, max_length=32, batch_size=8)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ top directions (ranks 1, 2, 4, 8 and full), with each adapter's own top directio
 the plain baseline. KL retention on examples/text/heldout.txt, never used for calibration; bytes marginal (codes as a
 collection stores them), the bank's bytes counted apart.
 
-Usage: python benchmarks/calibrated_pack.py [--steps 400] [--heldout 48]
+Usage: python benchmarks/calibrated_pack.py [--steps 400] [--heldout 48] [--rank R]
 """
 
 from __future__ import annotations
@@ -41,9 +41,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=CalibrationSettings.steps)
     ap.add_argument("--heldout", type=int, default=48)
     ap.add_argument("--adapters", nargs="*", default=NER)
+    ap.add_argument(
+        "--rank", type=int, default=None, help="codes trained at (at most) this rank, as `pack --rank` (default: each adapter's own)"
+    )
     args = ap.parse_args()
     loaded = [load_source(ADAPTERS / n, None, None) for n in args.adapters]
-    fit = FitSettings(num_vectors=256, vector_length=128)
+    fit = FitSettings(num_vectors=256, vector_length=128, rank=args.rank)
     start = time.perf_counter()
     bank, codes, run = joint_fit([s.adapter for s in loaded], fit)
     fit_s = time.perf_counter() - start
@@ -77,7 +80,7 @@ def main() -> None:
                 row += [size / fp16, kept]
             rows.append(row)
     print(
-        f"{len(loaded)} adapters, one bank N=256 L=128 ({bank.numel() * 4:,} bytes fp32); weight fit {fit_s:.0f} s, teacher "
+        f"{len(loaded)} adapters, one bank N=256 L=128 ({bank.numel() * 4:,} bytes fp32), codes at rank {args.rank or 'full'}; weight fit {fit_s:.0f} s, teacher "
         f"targets {targets_s:.0f} s, shared calibration {report.steps} steps in {report.seconds:.0f} s (mean loss "
         f"{report.first_loss:.3f} → {report.last_loss:.3f}); KL retention on {args.heldout} held-out lines "
         f"({torch.get_num_threads()} threads)"

@@ -27,7 +27,8 @@ import torch
 
 from vbcompress import FitSettings, QualitySettings
 from vbcompress.collection import Collection, pack
-from vbcompress.collection.store import Manifest, settle, write_adapter, write_manifest
+from vbcompress.collection.store import Manifest
+from vbcompress.collection.writes import settle, write_adapter, write_manifest
 from vbcompress.units import fmt_bytes
 from vbcompress.vllm_plugin import CollectionResolver
 

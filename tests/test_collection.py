@@ -118,11 +118,11 @@ def test_add_fits_codes_only_and_changes_no_existing_file(packed, family, tmp_pa
 
 def test_failed_add_leaves_the_collection_as_it_was(packed, family, tmp_path, monkeypatch):
     import vbcompress.collection.batch as batch
-    import vbcompress.collection.store as store
+    import vbcompress.collection.writes as writes
 
     root = fresh_copy(packed, tmp_path)
     before = digest(root)
-    real_save = store.save_tensors
+    real_save = writes.save_tensors
 
     def half_written(tensors, path, *args):
         real_save(dict(list(tensors.items())[:1]), path, *args)
@@ -132,7 +132,7 @@ def test_failed_add_leaves_the_collection_as_it_was(packed, family, tmp_path, mo
         return {k: v for k, v in digest(root).items() if k != "failures.json"}
 
     # a full disk is this adapter's failure, in one line, not a traceback
-    monkeypatch.setattr(store, "save_tensors", half_written)
+    monkeypatch.setattr(writes, "save_tensors", half_written)
     with pytest.raises(OutputError, match="cannot write adapter 'cousin' .*injected"):
         add(root, [family["cousin"]], fit=FAST)
     assert content(root) == before

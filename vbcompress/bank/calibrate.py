@@ -253,11 +253,12 @@ class Calibration:
 
     def targets(self) -> list:
         if self._targets is None:
-            with self._mode(), torch.no_grad():
+            with self.mode(), torch.no_grad():
                 self._targets = [self.objective.target(b) for b in self.batches]
         return self._targets
 
-    def _mode(self):
+    def mode(self):
+        """The context every step on this problem runs in: torch's deterministic kernels on a GPU (one seed, one result)."""
         return deterministic() if self.base.device.type == "cuda" else contextlib.nullcontext()
 
     def run(
@@ -267,7 +268,7 @@ class Calibration:
         held-out texts (a caller that scores the result itself passes False). ``fixed_rows``: a shared bank
         grown for this adapter, whose first rows (other adapters' vectors) are held while the rest train with
         the codes, as codes against a frozen bank do."""
-        with self._mode():
+        with self.mode():
             return self._run(vb, progress, freeze_bank, measure, fixed_rows)
 
     def _run(self, vb, progress, freeze_bank, measure, fixed_rows=0) -> tuple[VectorBank, CalibrationReport]:

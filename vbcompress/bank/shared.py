@@ -58,7 +58,7 @@ def calibrate_shared(
         cal, b = calibrations[i], (step // n) % len(calibrations[i].batches)
         return cal.objective.loss(cal.batches[b], targets[i][b], models[i].deltas())
 
-    with calibrations[0]._mode():
+    with calibrations[0].mode():
         losses = train(groups, steps, loss_at, progress, "calibrate bank")
     trained = [m.vector_bank().codes for m in models]
     report = SharedReport(

@@ -6,7 +6,8 @@ from ..settings import FitSettings
 from .batch import AddReport, Failure, Outcome, RemoveReport, add, remove
 from .encode import pack
 from .export import Collection, UnpackReport, inspect_collection
-from .store import CollectionSummary, Entry, Manifest, is_collection, locked, read_failures
+from .store import CollectionSummary, Entry, Manifest, is_collection
+from .writes import locked, read_failures
 
 __all__ = [
     "AddReport",

@@ -21,20 +21,8 @@ from ..hub import resolve
 from ..settings import CalibrationSettings, FitSettings, Progress, QualitySettings, resolve_device
 from .encode import Encoded, Judging, check_sources_fit, encode_one, load_source, write_encoded
 from .growth import grow, ungrow
-from .store import (
-    ADAPTERS,
-    Entry,
-    Store,
-    adapters_folder,
-    clean_debris,
-    discard,
-    journal,
-    locked,
-    read_failures,
-    settle,
-    write_failures,
-    write_manifest,
-)
+from .store import ADAPTERS, Entry, Store
+from .writes import adapters_folder, clean_debris, discard, journal, locked, read_failures, settle, write_failures, write_manifest
 
 ENCODING_KNOBS = ("seed", "code_refine_steps", "candidates", "partners", "device")
 

@@ -27,7 +27,9 @@ from ..retention import Probe
 from ..settings import CalibrationSettings, FitSettings, OutputSettings, Progress, QualitySettings, SizeSettings, resolve_device
 from ..sizing import collection_budget, fit_collection_for_budget
 from .hold import Growth, Holding, Judge, choose
-from .store import BANK_FILE, CollectionSummary, Entry, Manifest, Store, check_name, settle, sha256_of, write_adapter, write_manifest
+from .schema import check_name
+from .store import BANK_FILE, CollectionSummary, Entry, Manifest, Store, sha256_of
+from .writes import settle, write_adapter, write_manifest
 
 
 @dataclass

@@ -15,7 +15,8 @@ import torch
 from ..codec.layout import stored_index_dtype
 from ..files import save_tensors
 from .encode import Encoded
-from .store import TMP_PREFIX, Manifest, Store, discard, sha256_of
+from .store import TMP_PREFIX, Manifest, Store, sha256_of
+from .writes import discard
 
 
 def write_grown_bank(root: Path, bank: torch.Tensor, manifest: Manifest) -> tuple[str, str]:
@@ -45,7 +46,7 @@ def grow(root: Path, coll: Store, enc: Encoded) -> tuple[str, str, int]:
     enc.entry.codes_bytes = sum(t.numel() * t.element_size() for k, t in enc.tensors.items() if k in ("indices", "weights"))
     enc.entry.bank_rows = [n, n + g]
     file, digest = write_grown_bank(root, torch.cat([old, enc.vectors.to(old.dtype)]), manifest)
-    coll._bank = None
+    coll.forget_bank()
     return file, digest, n
 
 
@@ -54,4 +55,4 @@ def ungrow(root: Path, coll: Store, before: tuple[str, str, int]) -> None:
     discard(root / manifest.bank_file)
     manifest.bank_file, manifest.bank_sha256 = before[0], before[1]
     manifest.settings["num_vectors"] = before[2]
-    coll._bank = None
+    coll.forget_bank()

@@ -1,6 +1,7 @@
 """Time and keep of a calibrated `add`: one gemma-3-270m adapter added with `--base` to a collection of the
 three gemma3-270m-attn-r4 siblings at the default quality floor, then the codes' calibration alone at the rank
-the add chose, under the settings to compare (the first is the baseline: 0.2's 400 steps at lr 1e-2).
+the add chose, under the settings to compare (STEPS:LR[:GRADIENT_START]; the first is the baseline: the defaults
+without the gradient start).
 
 The add runs in a spawned child (its own wall time and peak RSS) on a fresh copy of the collection. Every
 retention below is KL retention on examples/text/heldout.txt, never used for calibration nor by the add's own
@@ -65,7 +66,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapter", default="gemma3-270m-ner-r8")
     ap.add_argument("--base", default=str(GEMMA))
-    ap.add_argument("--compare", nargs="*", default=["400:0.01", f"{CalibrationSettings.code_steps}:{CalibrationSettings.code_lr}"])
+    d = CalibrationSettings()
+    ap.add_argument("--compare", nargs="*", default=[f"{d.code_steps}:{d.code_lr}:0", f"{d.code_steps}:{d.code_lr}:{d.gradient_start}"])
     ap.add_argument("--rank", type=int, help="the rank of codes to calibrate in the comparison [default: the add's bank rank, else 1]")
     ap.add_argument("--heldout", type=int, default=48, help="held-out lines to measure on")
     ap.add_argument("--json")
@@ -90,12 +92,19 @@ def main() -> None:
         rows = [{"settings": "weight fit only", "seconds": 0.0, "kl_retention": kept(probe, VectorBank(bank, 2, start), source)}]
         texts = read_texts(CALIBRATION)
         for spec in args.compare:
-            steps, lr = int(spec.split(":")[0]), float(spec.split(":")[1])
-            calibration = Calibration(source, base, texts, CalibrationSettings(code_steps=steps, code_lr=lr))
+            steps, lr, *grad = spec.split(":")
+            steps, lr, grad = int(steps), float(lr), int(grad[0]) if grad else CalibrationSettings.gradient_start
+            calibration = Calibration(source, base, texts, CalibrationSettings(code_steps=steps, code_lr=lr, gradient_start=grad))
             t = time.perf_counter()
             trained, _ = calibration.run(VectorBank(bank, 2, start), freeze_bank=True, measure=False)
             seconds = time.perf_counter() - t
-            rows.append({"settings": f"{steps} steps, lr {lr:g}", "seconds": seconds, "kl_retention": kept(probe, trained, source)})
+            rows.append(
+                {
+                    "settings": f"{steps} steps, lr {lr:g}, gradient start {grad}",
+                    "seconds": seconds,
+                    "kl_retention": kept(probe, trained, source),
+                }
+            )
 
     print(
         f"calibrated add of {args.adapter} to the attn-r4 siblings' collection, default settings ({torch.get_num_threads()} threads): "

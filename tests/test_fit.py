@@ -75,6 +75,22 @@ def test_alternation_stops_when_it_stops_gaining_and_the_fit_is_repeatable():
     assert torch.equal(again.bank, early.bank) and again.rel_error == early.rel_error
 
 
+def test_refine_stops_when_it_stops_gaining():
+    """`tol` ends the refine too: it stops before a large `refine_steps` once 50 steps gain less than tol,
+    within 0.005 of the full run's error; `tol=0` runs every step."""
+    settings = FitSettings(num_vectors=24, vector_length=32, iters=3, refine_steps=600, device="cpu")
+
+    def refine_steps_run(s):
+        calls = []
+        result = F.fit_bank(factors(), s, lambda stage, i, total, err: calls.append((stage, i)))
+        return result, max(i for stage, i in calls if stage == "refine")
+
+    early, early_steps = refine_steps_run(settings)
+    full, full_steps = refine_steps_run(FitSettings(**{**settings.__dict__, "tol": 0.0}))
+    assert full_steps == 600 and early_steps < 600
+    assert early.rel_error < full.rel_error + 0.005
+
+
 def test_tol_is_checked():
     with pytest.raises(Exception, match="tol"):
         FitSettings(tol=1.5).check()

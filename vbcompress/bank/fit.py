@@ -44,6 +44,9 @@ PATIENCE = 3
 # What refining codes against a frozen bank can gain, as a share of the assignment's error, generously: measured
 # 0.27% (gemma3-270m on its siblings' bank: 0.8976 → 0.8952 after 50 steps, 0.8951 after 300).
 REFINE_REACH = 0.05
+# Refinement stops once its best error improved by less than FitSettings.tol over this many steps. At 7B scale the
+# last 175 of 300 steps gained 0.0007 (0.9752 -> 0.9745) at 0.17 s a step.
+REFINE_WINDOW = 50
 
 
 @dataclass
@@ -351,20 +354,22 @@ def refine(
     if settings.topk > 1:
         groups.append(([logits], settings.refine_lr * 10))
     opt = CosineAdam(groups, steps)
-    best_err, best = None, (bank, wts)
+    best_err, best, trail = None, (bank, wts), []
     for step in range(steps + 1):
         loss = exact_error(prob, mixing(bank_p, torch.softmax(logits, -1)))
         err = loss.item()
         if best_err is None or err < best_err:
             best_err, best = err, (bank_p.detach().clone(), torch.softmax(logits, -1).detach().clone())
-        if step == steps:
+        trail.append(best_err)
+        # converged (the relative error, as the alternation measures it, gained less than tol in a window)
+        if step == steps or (settings.tol and step >= REFINE_WINDOW and best_err >= (1 - settings.tol) ** 2 * trail[-REFINE_WINDOW - 1]):
             break
         opt.zero_grad()
         (loss / prob.total_sq).backward()
         opt.step()
         if step % 25 == 0:
             note("refine", step, steps, err)
-    note("refine", steps, steps, best_err)
+    note("refine", step, steps, best_err)
     bank_best, w_best = best
     if w_best is not wts:
         w_best = torch.empty_like(w_best).index_copy_(0, order, w_best)  # back to the table's order

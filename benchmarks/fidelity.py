@@ -22,6 +22,10 @@ from vbcompress.baselines import truncation
 from vbcompress.errors import VBCompressError
 
 
+def fmt(error: float | None) -> str:
+    return "n/a" if error is None else f"{error:.3f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("adapters", nargs="*")
@@ -59,10 +63,11 @@ def main() -> None:
             for label, bits in (("SVD fp16", 16), ("int8", 8), ("int4", 4)):
                 base = truncation(adapter.modules.values(), rep.bytes.vb, bits)
                 results[label] = base.rel_error
-                cells.append(f"{base.rel_error:.3f} ({base.rank})")
-            best = min(results, key=results.get)
+                cells.append(f"{fmt(base.rel_error)} ({base.rank})")
+            # an all-zero (untrained) adapter has no relative error: nothing to rank
+            best = min((x for x in results if results[x] is not None), key=results.get, default="n/a")
             print(
-                f"| {name} | {n} | {length} | {k} | {rank or r} | {rep.bytes.ratio:.1%} | {rep.total_rel_error:.3f} | "
+                f"| {name} | {n} | {length} | {k} | {rank or r} | {rep.bytes.ratio:.1%} | {fmt(rep.total_rel_error)} | "
                 + " | ".join(cells)
                 + f" | {best} | {seconds:.0f} s |",
                 flush=True,

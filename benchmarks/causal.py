@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from vbcompress import CalibrationSettings, FitSettings, load_adapter, lora2vb
-from vbcompress.bank.calibrate import TokenKL
+from vbcompress.bank.calibrate import HiddenMSE, TokenKL
 from vbcompress.baselines import bytes_per_rank, quantize, truncated_factors
 from vbcompress.basemodel import Base, read_texts
 from vbcompress.linalg import balanced
@@ -81,7 +81,8 @@ def as_deltas(source, factors) -> dict[str, torch.Tensor]:
 
 
 def train_lora(base: Base, source, rank: int, texts: list[str], settings: CalibrationSettings, lr: float, seed: int = 0) -> dict:
-    """A rank-``rank`` LoRA started at the SVD truncation and trained with calibration's loss, inputs and schedule."""
+    """A rank-``rank`` LoRA started at the SVD truncation and trained with calibration's loss (top-K KL for a causal
+    LM, hidden-state MSE for an encoder), inputs and schedule (``settings.steps``)."""
     torch.manual_seed(seed)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     texts = [texts[i] for i in order][: settings.samples]
@@ -92,7 +93,8 @@ def train_lora(base: Base, source, rank: int, texts: list[str], settings: Calibr
     }
     opt = torch.optim.Adam([p for pair in params.values() for p in pair], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, settings.steps))
-    objective = TokenKL(base, source.delta_weights(), settings.teacher_topk)
+    teacher = source.delta_weights()
+    objective = TokenKL(base, teacher, settings.teacher_topk) if base.causal else HiddenMSE(base, teacher)
     batches = [base.encode(train[i : i + settings.batch_size], settings.max_length) for i in range(0, len(train), settings.batch_size)]
     with torch.no_grad():
         targets = [objective.target(b) for b in batches]

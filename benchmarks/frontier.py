@@ -10,6 +10,11 @@ For each adapter of the Gemma 3 270M family in ../shared/adapters, measured on t
   codes sliced to its top r' directions, r' = 1 … r (marginal bytes = its codes; "+bank" adds bank / family size);
 - **collection, calibrated codes** (``--calibrate``): those codes trained on the base against the frozen bank
   (top-K KL on examples/text/calibration.txt) at the ranks of ``--calib-ranks``;
+- **collection, calibrated pack** (``--pack``): the bank itself trained in function space on every adapter of the
+  run that has an effect (``pack --base``: one teacher per adapter, ``--pack-steps`` in turn over them), codes at
+  ``--pack-rank`` (``pack --rank``; default each adapter's own) sliced to r' = 1 … that rank;
+- **trained LoRA** (``--trained-lora R ...``): a rank-R LoRA started at the SVD truncation, trained with the same
+  loss, inputs and steps as the calibrated codes (``--calib-steps``, lr ``--lora-lr``), stored at 16/8/4 bits;
 - **lorashare** (``--lorashare``, the `bench` extra): the SHARE method (a shared PCA basis per layer and side,
   per-adapter loadings) at k = 1, 2, 4, on the subsets it accepts (one rank, one base name, one target set);
   bytes at fp16: loadings per adapter, plus the basis / subset size.
@@ -17,7 +22,11 @@ For each adapter of the Gemma 3 270M family in ../shared/adapters, measured on t
 Then, at 1, 2, 3, 5, 10 and 20 % of each adapter's fp16 bytes, the mean over the trained adapters of the best
 retention each method reaches within that budget, and a plot (``--plot``, matplotlib from the `bench` extra).
 
+``--family minilm`` runs the three MiniLM adapters on ../shared/bases/all-MiniLM-L6-v2 instead (effect retention of
+hidden states, the encoder's measure, in place of KL retention).
+
     python benchmarks/frontier.py --calibrate gemma3-270m-ner-r8 --lorashare --plot docs/frontier.png
+    python benchmarks/frontier.py --family minilm --pack --calibrate all --trained-lora 1 --lorashare
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vbcompress import FitSettings, load_adapter  # noqa: E402
-from vbcompress.bank.calibrate import calibrate  # noqa: E402
+from vbcompress.bank.calibrate import Calibration, calibrate  # noqa: E402
+from vbcompress.bank.shared import calibrate_shared  # noqa: E402
+from vbcompress.baselines import quantize  # noqa: E402
 from vbcompress.basemodel import Base, read_texts  # noqa: E402
 from vbcompress.codec.bank import BANK  # noqa: E402
 from vbcompress.codec.layout import VectorBank  # noqa: E402
@@ -42,8 +53,12 @@ from vbcompress.codec.lowrank import LOWRANK  # noqa: E402
 from vbcompress.collection.encode import joint_fit  # noqa: E402
 from vbcompress.collection.hold import hold_bank, hold_lowrank, sliced  # noqa: E402
 from vbcompress.collection.ladder import lowrank_front  # noqa: E402
+from vbcompress.linalg import balanced  # noqa: E402
 from vbcompress.retention import Probe  # noqa: E402
 from vbcompress.settings import CalibrationSettings  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from causal import as_deltas, train_lora  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VBCOMPRESS_SHARED", ROOT.parent / "shared"))
@@ -61,14 +76,19 @@ FAMILY = [
 ]
 BUDGETS = (0.01, 0.02, 0.03, 0.05, 0.10, 0.20)
 LORASHARE_SUBSETS = (FAMILY[:3], ["gemma3-270m-ner-r16", "gemma3-270m-ner-quality-r16"])
+MINILM = ["minilm-l6-bias-st", "minilm-l6-contract-r4", "minilm-l6-contract-r4-dropout"]
+FAMILIES = {  # name: (adapters, base, lorashare's subsets: one rank and target set each)
+    "gemma": (FAMILY, GEMMA, LORASHARE_SUBSETS),
+    "minilm": (MINILM, SHARED / "bases" / "all-MiniLM-L6-v2", (MINILM[1:],)),
+}
 
 
-def lorashare_rows(adapters: dict, probes: dict, ks: tuple[int, ...]) -> list[dict]:
+def lorashare_rows(adapters: dict, probes: dict, ks: tuple[int, ...], subsets) -> list[dict]:
     from lorashare import SHAREModel
     from lorashare.compression import reconstruct_adapter_weights
 
     rows = []
-    for subset in LORASHARE_SUBSETS:
+    for subset in subsets:
         paths = {n: str(SHARED / "adapters" / n) for n in subset if n in adapters}
         if len(paths) < 2:
             continue
@@ -94,6 +114,48 @@ def lorashare_rows(adapters: dict, probes: dict, ks: tuple[int, ...]) -> list[di
     return rows
 
 
+def measured(probe: Probe, modules: dict) -> float | None:
+    return probe.measure({n: m.delta_weight() for n, m in modules.items()}).headline
+
+
+def pack_rows(adapters: dict, probes: dict, base: Base, texts: list[str], fit: FitSettings, steps: int) -> list[dict]:
+    """The calibrated pack (`pack --base`): a joint weight fit of ``adapters`` at ``fit.rank``, then bank and codes
+    trained in function space on all of them in turn; each adapter's trained codes sliced to r' = 1 … its rank."""
+    began = time.perf_counter()
+    bank, codes, run = joint_fit(list(adapters.values()), fit)
+    settings = CalibrationSettings(steps=steps)
+    calibrations = [Calibration(a, base, texts, settings, seed=run.seed) for a in adapters.values()]
+    trained, trained_codes, report = calibrate_shared(calibrations, bank, codes, run.topk)
+    took = time.perf_counter() - began
+    print(f"calibrated pack of {len(adapters)} adapters: {report.steps} steps, {took:.0f} s", flush=True)
+    shared, rows = trained.numel() * 4 / len(adapters), []
+    for (name, source), full in zip(adapters.items(), trained_codes):
+        for r in range(1, next(iter(full.values())).rank + 1):
+            tensors, table = hold_bank(source, sliced(full, r), trained, run.topk)
+            kept = measured(probes[name], BANK.decode(tensors, table, trained, run.topk))
+            rows.append(row(name, f"calibrated pack r={r}", BANK.stored_bytes(tensors), shared, source, kept, None, took))
+    return rows
+
+
+def trained_lora_rows(name, source, probe, base, texts, rank: int, settings: CalibrationSettings, lr: float) -> list[dict]:
+    """A rank-``rank`` LoRA trained with calibration's loss, stored as the SVD rows store their factors (balanced,
+    fp16 or grouped int-N): the same bytes as the SVD row of that rank and bits."""
+    began = time.perf_counter()
+    factors = train_lora(base, source, rank, texts, settings, lr)
+    took = time.perf_counter() - began
+    rows = []
+    for bits in (16, 8, 4):
+        stored = {}
+        for n, (b, a) in factors.items():
+            bt, at, _ = balanced(b, a, rank)
+            stored[n] = (bt.half().float(), at.half().float()) if bits == 16 else (quantize(bt.T, bits).T, quantize(at, bits))
+        tensors, _ = hold_lowrank(source, rank, bits)
+        kept = probe.measure(as_deltas(source, stored)).headline
+        label = f"trained LoRA {'fp16' if bits == 16 else f'int{bits}'} r={rank}"
+        rows.append(row(name, label, LOWRANK.stored_bytes(tensors), 0, source, kept, None, took))
+    return rows
+
+
 def row(name, method, marginal, shared, source, kept, rel_error, seconds=None) -> dict:
     fp16 = source.fp16_bytes()
     return {
@@ -111,15 +173,21 @@ def row(name, method, marginal, shared, source, kept, rel_error, seconds=None) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapters", nargs="*", default=FAMILY)
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="gemma")
+    ap.add_argument("--adapters", nargs="*", default=None, help="a subset of the family [default: all of it]")
     ap.add_argument("--num-vectors", "-N", type=int, default=256)
     ap.add_argument("--vector-length", "-L", type=int, default=128)
     ap.add_argument("--heldout", type=int, default=48, help="held-out lines of examples/text/heldout.txt")
     ap.add_argument("--max-ratio", type=float, default=0.25, help="SVD rows up to this share of fp16 bytes")
-    ap.add_argument("--calibrate", nargs="*", default=[], help="adapters whose bank codes are also calibrated")
+    ap.add_argument("--calibrate", nargs="*", default=[], help="adapters whose bank codes are also calibrated ('all': every one)")
     ap.add_argument("--calib-ranks", default="1,2")
     ap.add_argument("--calib-steps", type=int, default=100)
     ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--pack", action="store_true", help="rows of a calibrated pack of the adapters with an effect")
+    ap.add_argument("--pack-rank", type=int, default=None, help="codes of the calibrated pack at (at most) this rank")
+    ap.add_argument("--pack-steps", type=int, default=CalibrationSettings.steps)
+    ap.add_argument("--trained-lora", type=int, nargs="*", default=[], help="ranks of LoRAs trained with the same loss")
+    ap.add_argument("--lora-lr", type=float, default=CalibrationSettings.lr * 0.1, help="as benchmarks/causal.py")
     ap.add_argument("--lorashare", action="store_true")
     ap.add_argument("--json", default=None, help="write every row here")
     ap.add_argument("--plot", default=None, help="save the frontier plot (PNG) here")
@@ -127,8 +195,10 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    adapters = {n: load_adapter(SHARED / "adapters" / n) for n in args.adapters}
-    base = Base(GEMMA, next(iter(adapters.values())), device=args.device)
+    family, base_dir, subsets = FAMILIES[args.family]
+    adapters = {n: load_adapter(SHARED / "adapters" / n) for n in args.adapters or family}
+    calibrate_these = set(adapters) if args.calibrate == ["all"] else set(args.calibrate)
+    base = Base(base_dir, next(iter(adapters.values())), device=args.device)
     held = read_texts(ROOT / "examples" / "text" / "heldout.txt")[: args.heldout]
     calib_texts = read_texts(ROOT / "examples" / "text" / "calibration.txt")
     probes = {n: Probe(base, held, a.delta_weights(), 64) for n, a in adapters.items()}
@@ -160,7 +230,7 @@ def main() -> None:
             modules = BANK.decode(tensors, table, bank, run.topk)
             kept = probe.measure({n: m.delta_weight() for n, m in modules.items()}).headline
             rows.append(row(name, f"bank codes r={r}", BANK.stored_bytes(tensors), shared, source, kept, None))
-        if name in args.calibrate:
+        if name in calibrate_these:
             settings = CalibrationSettings(code_steps=args.calib_steps, samples=args.calib_samples)
             for r in (int(x) for x in args.calib_ranks.split(",")):
                 began = time.perf_counter()
@@ -171,17 +241,24 @@ def main() -> None:
                 kept = probe.measure({n: m.delta_weight() for n, m in modules.items()}).headline
                 took = time.perf_counter() - began
                 rows.append(row(name, f"bank codes r={r} calibrated", BANK.stored_bytes(tensors), shared, source, kept, None, took))
+        for rank in args.trained_lora:
+            lora = CalibrationSettings(steps=args.calib_steps, samples=args.calib_samples)  # the calibrated codes' inputs and steps
+            rows += trained_lora_rows(name, source, probe, base, calib_texts, rank, lora, args.lora_lr)
         best = max((x for x in rows if x["adapter"] == name), key=lambda x: x["retention"] or -1)
         print(f"{name}: {sum(x['adapter'] == name for x in rows)} rows; best {best['method']} {best['retention']:.3f}", flush=True)
 
+    if args.pack:
+        effective = {n: a for n, a in adapters.items() if probes[n].measure({}).headline is not None}
+        fit = FitSettings(num_vectors=args.num_vectors, vector_length=args.vector_length, device=args.device, rank=args.pack_rank)
+        rows += pack_rows(effective, probes, base, calib_texts, fit, args.pack_steps)
     if args.lorashare:
-        rows += lorashare_rows(adapters, probes, (1, 2, 4))
+        rows += lorashare_rows(adapters, probes, (1, 2, 4), subsets)
 
     print_tables(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, base.causal)
 
 
 def family_of(method: str) -> str:
@@ -189,6 +266,10 @@ def family_of(method: str) -> str:
         return "SVD int-N/fp16"
     if method.startswith("lorashare"):
         return "lorashare"
+    if method.startswith("trained LoRA"):
+        return "trained LoRA"
+    if method.startswith("calibrated pack"):
+        return "collection (calibrated pack)"
     return "collection (calibrated codes)" if "calibrated" in method else "collection (weight-only codes)"
 
 
@@ -219,7 +300,7 @@ def print_tables(rows: list[dict]) -> None:
         print(f"| {b:.0%} | " + " | ".join(cells) + " |")
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, base_causal: bool = True) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,6 +316,8 @@ def plot(rows: list[dict], path: str) -> None:
         "collection (weight-only codes)": ("tab:blue", "s"),
         "collection (calibrated codes)": ("tab:red", "*"),
         "lorashare": ("tab:green", "^"),
+        "collection (calibrated pack)": ("tab:purple", "P"),
+        "trained LoRA": ("tab:orange", "D"),
     }
     for ax, name in zip(axes.flat, names):
         for fam, (color, marker) in styles.items():
@@ -249,7 +332,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_ylim(-0.1, 1.02)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("marginal bytes, % of the adapter at fp16 (log)")
-        ax.set_ylabel("KL retention (held-out)")
+        ax.set_ylabel("KL retention (held-out)" if base_causal else "effect retention (held-out)")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")

@@ -76,3 +76,12 @@ def test_the_gradient_start_keeps_the_starting_codes_and_admits_the_vector_the_l
                 assert float(flat[row, entrant]) == pytest.approx(weakest - model.init_gap, abs=1e-5)
                 checked += 1
         assert checked > 0
+
+
+def test_a_negative_gradient_start_is_refused_in_library_terms():
+    from vbcompress import CalibrationSettings
+    from vbcompress.errors import SettingError
+
+    with pytest.raises(SettingError, match="gradient_start"):
+        CalibrationSettings(gradient_start=-1).check()
+    CalibrationSettings(gradient_start=0).check()  # 0 turns the start off

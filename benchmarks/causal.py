@@ -26,7 +26,7 @@ import torch
 
 from vbcompress import CalibrationSettings, FitSettings, load_adapter, lora2vb
 from vbcompress.bank.calibrate import HiddenMSE, TokenKL
-from vbcompress.baselines import bytes_per_rank, quantize, truncated_factors
+from vbcompress.baselines import bytes_per_rank, stored_factors, truncated_factors
 from vbcompress.basemodel import Base, read_texts
 from vbcompress.linalg import balanced
 from vbcompress.retention import retention
@@ -194,7 +194,7 @@ def main() -> None:
                     if bits == 4 and rank and "lora" not in skip:
                         start = time.perf_counter()
                         trained = train_lora(base, source, rank, read_texts(CALIBRATION), settings, args.lora_lr)
-                        q = {k: (quantize(b.cpu().T, 4).T, quantize(a.cpu(), 4)) for k, (b, a) in trained.items()}
+                        q = {k: stored_factors(b.cpu(), a.cpu(), 4) for k, (b, a) in trained.items()}
                         row(
                             n,
                             ratio,

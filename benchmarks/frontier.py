@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vbcompress import FitSettings, load_adapter  # noqa: E402
 from vbcompress.bank.calibrate import Calibration, calibrate  # noqa: E402
 from vbcompress.bank.shared import calibrate_shared  # noqa: E402
-from vbcompress.baselines import quantize  # noqa: E402
+from vbcompress.baselines import stored_factors  # noqa: E402
 from vbcompress.basemodel import Base, read_texts  # noqa: E402
 from vbcompress.codec.bank import BANK  # noqa: E402
 from vbcompress.codec.layout import VectorBank  # noqa: E402
@@ -145,10 +145,7 @@ def trained_lora_rows(name, source, probe, base, texts, rank: int, settings: Cal
     took = time.perf_counter() - began
     rows = []
     for bits in (16, 8, 4):
-        stored = {}
-        for n, (b, a) in factors.items():
-            bt, at, _ = balanced(b, a, rank)
-            stored[n] = (bt.half().float(), at.half().float()) if bits == 16 else (quantize(bt.T, bits).T, quantize(at, bits))
+        stored = {n: stored_factors(*balanced(b, a, rank)[:2], bits) for n, (b, a) in factors.items()}
         tensors, _ = hold_lowrank(source, rank, bits)
         kept = probe.measure(as_deltas(source, stored)).headline
         label = f"trained LoRA {'fp16' if bits == 16 else f'int{bits}'} r={rank}"
@@ -202,6 +199,7 @@ def main() -> None:
     held = read_texts(ROOT / "examples" / "text" / "heldout.txt")[: args.heldout]
     calib_texts = read_texts(ROOT / "examples" / "text" / "calibration.txt")
     probes = {n: Probe(base, held, a.delta_weights(), 64) for n, a in adapters.items()}
+    effective = {n: a for n, a in adapters.items() if probes[n].measure({}).headline is not None}
     rows = []
 
     start = time.perf_counter()
@@ -213,7 +211,7 @@ def main() -> None:
 
     for (name, source), full in zip(adapters.items(), codes):
         probe = probes[name]
-        if probe.measure({}).headline is None:  # an adapter without effect: nothing to retain
+        if name not in effective:  # an adapter without effect: nothing to retain
             print(f"{name}: no effect on the base (ΔW = 0); retention undefined, skipped", flush=True)
             continue
         for t in lowrank_front(source):
@@ -221,14 +219,14 @@ def main() -> None:
                 break
             tensors, table = hold_lowrank(source, t.rank, t.bits, t.ranks)
             modules = LOWRANK.decode(tensors, table, None, 0)
-            kept = probe.measure({n: m.delta_weight() for n, m in modules.items()}).headline
+            kept = measured(probe, modules)
             label = f"SVD {'fp16' if t.bits == 16 else f'int{t.bits}'} r{'≤' if t.ranks else '='}{t.rank}"
             rows.append(row(name, label, LOWRANK.stored_bytes(tensors), 0, source, kept, t.rel_error))
         top = next(iter(full.values())).rank
         for r in range(1, top + 1):
             tensors, table = hold_bank(source, sliced(full, r), bank, run.topk)
             modules = BANK.decode(tensors, table, bank, run.topk)
-            kept = probe.measure({n: m.delta_weight() for n, m in modules.items()}).headline
+            kept = measured(probe, modules)
             rows.append(row(name, f"bank codes r={r}", BANK.stored_bytes(tensors), shared, source, kept, None))
         if name in calibrate_these:
             settings = CalibrationSettings(code_steps=args.calib_steps, samples=args.calib_samples)
@@ -238,7 +236,7 @@ def main() -> None:
                 trained, _ = calibrate(source, vb, base, calib_texts, settings, seed=0, freeze_bank=True)
                 tensors, table = hold_bank(source, trained.codes, bank, run.topk)
                 modules = BANK.decode(tensors, table, bank, run.topk)
-                kept = probe.measure({n: m.delta_weight() for n, m in modules.items()}).headline
+                kept = measured(probe, modules)
                 took = time.perf_counter() - began
                 rows.append(row(name, f"bank codes r={r} calibrated", BANK.stored_bytes(tensors), shared, source, kept, None, took))
         for rank in args.trained_lora:
@@ -248,7 +246,6 @@ def main() -> None:
         print(f"{name}: {sum(x['adapter'] == name for x in rows)} rows; best {best['method']} {best['retention']:.3f}", flush=True)
 
     if args.pack:
-        effective = {n: a for n, a in adapters.items() if probes[n].measure({}).headline is not None}
         fit = FitSettings(num_vectors=args.num_vectors, vector_length=args.vector_length, device=args.device, rank=args.pack_rank)
         rows += pack_rows(effective, probes, base, calib_texts, fit, args.pack_steps)
     if args.lorashare:

@@ -63,9 +63,15 @@ def truncated_factors(m: LoraModule, rank: int, bits: int = 16) -> tuple[torch.T
     at ``bits`` (16: fp16; 8, 4: grouped absmax along each direction: rows of A, columns of B) and read back
     as float32."""
     bt, at, _ = m.balanced(rank)
+    return stored_factors(bt, at, bits)
+
+
+def stored_factors(B: torch.Tensor, A: torch.Tensor, bits: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors ``B: [out, r]``, ``A: [r, in]`` as stored at ``bits`` (16: fp16; 8, 4: grouped absmax
+    along each direction) and read back as float32."""
     if bits == 16:
-        return bt.half().float(), at.half().float()
-    return quantize(bt.T, bits).T, quantize(at, bits)  # B grouped along `out`, direction by direction
+        return B.half().float(), A.half().float()
+    return quantize(B.T, bits).T, quantize(A, bits)  # B grouped along `out`, direction by direction
 
 
 def bytes_per_rank(modules: Iterable[LoraModule], bits: int = 16) -> float:

@@ -20,7 +20,7 @@ from vbcompress.compress import lora2vb
 from vbcompress.errors import FormatError, VBCompressError
 from vbcompress.evaluate import evaluate
 from vbcompress.files import REPORT_FILE
-from vbcompress.retention import retention
+from vbcompress.retention import Probe, retention
 
 from .conftest import ADAPTERS, REPO, tiny_causal_base, tiny_causal_lora
 
@@ -109,6 +109,23 @@ def test_lm_retention_of_the_adapter_and_of_nothing(tiny):
     none = retention(base, WORDS, adapter.delta_weights(), {}, 16)
     assert none.kl_retention == pytest.approx(0.0, abs=1e-6)
     assert none.perplexity["candidate"] == pytest.approx(none.perplexity["base"])
+
+
+def test_a_probe_measures_the_same_with_or_without_its_teacher_cache(tiny):
+    # the floor ladder and the benchmarks measure many candidates against one probe: keeping the teacher's
+    # log-probs between them must change the time only, never a figure
+    base_dir, lora = tiny
+    adapter = load_adapter(lora)
+    base = Base(base_dir, adapter)
+    teacher = adapter.delta_weights()
+    kept, fresh = Probe(base, WORDS, teacher, 16, batch_size=2), Probe(base, WORDS, teacher, 16, batch_size=2, cache_bytes=0)
+    kept.measure({})
+    first = next(iter(kept._teacher.values()))
+    part = Probe(base, WORDS, teacher, 16, batch_size=2, cache_bytes=first.numel() * first.element_size())
+    for scale in (0.3, 0.7, 0.3, 1.0):
+        cand = {n: scale * d for n, d in teacher.items()}
+        assert kept.measure(cand) == fresh.measure(cand) == part.measure(cand)
+    assert (len(kept._teacher), len(part._teacher), len(fresh._teacher)) == (2, 1, 0)
 
 
 def test_data_free_text_is_sampled_from_the_teacher_and_leaves_the_base_untouched(tiny):

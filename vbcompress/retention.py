@@ -42,15 +42,31 @@ class Retention:
         return self.kl_retention if self.kl_retention is not None else self.effect_retention
 
 
+# Full-vocabulary log-probs of the teacher are kept between candidates up to this size (Gemma 3: 1 MiB per token;
+# a calibrated add's 32 held-out lines ≈ 0.5 GiB); beyond it they are recomputed per candidate: the same numbers.
+TEACHER_CACHE_BYTES = 512 << 20
+
+
 class Probe:
     """``base``'s and ``ref``'s (module → ΔW) outputs on ``texts``, kept, so that each candidate costs one
-    forward pass: hidden states of every real token (causal LMs) or pooled outputs (encoders)."""
+    forward pass: hidden states of every real token (causal LMs) or pooled outputs (encoders). Causal LMs also
+    keep the reference's log-probs up to ``cache_bytes``, so that a candidate forms only its own logits."""
 
-    def __init__(self, base: Base, texts: list[str], ref: dict, max_length: int, batch_size: int = 16, progress: Progress | None = None):
-        self.base, self.samples, self.progress = base, len(texts), progress
+    def __init__(
+        self,
+        base: Base,
+        texts: list[str],
+        ref: dict,
+        max_length: int,
+        batch_size: int = 16,
+        progress: Progress | None = None,
+        cache_bytes: int = TEACHER_CACHE_BYTES,
+    ):
+        self.base, self.samples, self.progress, self.cache_bytes = base, len(texts), progress, cache_bytes
         # by token length: sums do not depend on the order, and similar lengths waste little on padding
         texts = sorted(texts, key=lambda t: len(base.tokenizer(t)["input_ids"])) if base.causal else texts
         self.batches = [base.encode(texts[i : i + batch_size], max_length) for i in range(0, len(texts), batch_size)]
+        self._teacher, self._kept = {}, 0  # the teacher's log-probs per chunk, while they fit in cache_bytes
         self.plain = self._all(None, "base")
         self.ref = self._all(ref, "reference")
 
@@ -89,7 +105,13 @@ class Probe:
             target, valid = real_positions(nxt, mask), real_positions(has_next, mask)
             other = self.plain[i] if outs is None else outs[i]
             for c in range(0, len(target), CHUNK_TOKENS):
-                t = torch.log_softmax(self.base.logits(self.ref[i][c : c + CHUNK_TOKENS]), -1)
+                key = (i, c)
+                t = self._teacher.get(key)
+                if t is None:
+                    t = torch.log_softmax(self.base.logits(self.ref[i][c : c + CHUNK_TOKENS]), -1)
+                    if self._kept + t.numel() * t.element_size() <= self.cache_bytes:
+                        self._teacher[key] = t
+                        self._kept += t.numel() * t.element_size()
                 yield t, other[c : c + CHUNK_TOKENS], target[c : c + CHUNK_TOKENS], valid[c : c + CHUNK_TOKENS]
 
     def _lm_reference(self) -> dict:

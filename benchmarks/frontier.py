@@ -3,9 +3,10 @@
 For each adapter of the Gemma 3 270M family in ../shared/adapters, measured on the Gemma base on held-out lines
 (examples/text/heldout.txt, never used for calibration):
 
-- **SVD truncation** at 16/8/4/3/2 bits, every point of the bytes-vs-ΔW-error Pareto front (one rank for all
+- **SVD truncation** at 16/8/4/3/2 bits, points of the bytes-vs-ΔW-error Pareto front (one rank for all
   modules, ``r=``, or ranks chosen per module, ``r≤``: the low-rank codec a collection falls back on; bytes are
-  the stored tensors);
+  the stored tensors) up to ``--max-ratio``: every ``r=`` point, the least-error point within each budget, and
+  ``--svd-points`` more spread over log bytes (``-1``: the whole front);
 - **collection, weight-only codes**: one bank fitted jointly to the whole family (N, L below), each adapter's
   codes sliced to its top r' directions, r' = 1 … r (marginal bytes = its codes; "+bank" adds bank / family size);
 - **collection, calibrated codes** (``--calibrate``): those codes trained on the base against the frozen bank
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -114,6 +116,25 @@ def lorashare_rows(adapters: dict, probes: dict, ks: tuple[int, ...], subsets) -
     return rows
 
 
+def thinned(front: list, fp16: int, max_ratio: float, points: int) -> list:
+    """The SVD front up to ``max_ratio`` of the fp16 bytes, thinned to what the tables and the plot need (each
+    point costs a pass of the base over the held-out lines): every one-rank-for-all point, the most bytes within
+    each budget of :data:`BUDGETS` (the least ΔW error there), and up to ``points`` more spread evenly over log
+    bytes. ``points`` < 0 keeps the whole front."""
+    front = [t for t in front if t.bytes <= max_ratio * fp16]
+    if points < 0 or not front:
+        return front
+    keep = {i for i, t in enumerate(front) if not t.ranks}
+    for b in BUDGETS:
+        within = [i for i, t in enumerate(front) if t.bytes <= b * fp16]
+        keep |= {within[-1]} if within else set()
+    lo, hi = math.log(front[0].bytes), math.log(front[-1].bytes)
+    for j in range(points):
+        target = lo + (hi - lo) * j / max(points - 1, 1)
+        keep.add(min(range(len(front)), key=lambda i: abs(math.log(front[i].bytes) - target)))
+    return [front[i] for i in sorted(keep)]
+
+
 def measured(probe: Probe, modules: dict) -> float | None:
     return probe.measure({n: m.delta_weight() for n, m in modules.items()}).headline
 
@@ -175,7 +196,8 @@ def main() -> None:
     ap.add_argument("--num-vectors", "-N", type=int, default=256)
     ap.add_argument("--vector-length", "-L", type=int, default=128)
     ap.add_argument("--heldout", type=int, default=48, help="held-out lines of examples/text/heldout.txt")
-    ap.add_argument("--max-ratio", type=float, default=0.25, help="SVD rows up to this share of fp16 bytes")
+    ap.add_argument("--max-ratio", type=float, default=max(BUDGETS), help="SVD rows up to this share of fp16 bytes")
+    ap.add_argument("--svd-points", type=int, default=16, help="SVD front points beyond the budgets' own (-1: all)")
     ap.add_argument("--calibrate", nargs="*", default=[], help="adapters whose bank codes are also calibrated ('all': every one)")
     ap.add_argument("--calib-ranks", default="1,2")
     ap.add_argument("--calib-steps", type=int, default=100)
@@ -198,7 +220,7 @@ def main() -> None:
     base = Base(base_dir, next(iter(adapters.values())), device=args.device)
     held = read_texts(ROOT / "examples" / "text" / "heldout.txt")[: args.heldout]
     calib_texts = read_texts(ROOT / "examples" / "text" / "calibration.txt")
-    probes = {n: Probe(base, held, a.delta_weights(), 64) for n, a in adapters.items()}
+    probes = {n: Probe(base, held, a.delta_weights(), 64, cache_bytes=4 << 30) for n, a in adapters.items()}
     effective = {n: a for n, a in adapters.items() if probes[n].measure({}).headline is not None}
     rows = []
 
@@ -214,9 +236,7 @@ def main() -> None:
         if name not in effective:  # an adapter without effect: nothing to retain
             print(f"{name}: no effect on the base (ΔW = 0); retention undefined, skipped", flush=True)
             continue
-        for t in lowrank_front(source):
-            if t.bytes > args.max_ratio * source.fp16_bytes():
-                break
+        for t in thinned(lowrank_front(source), source.fp16_bytes(), args.max_ratio, args.svd_points):
             tensors, table = hold_lowrank(source, t.rank, t.bits, t.ranks)
             modules = LOWRANK.decode(tensors, table, None, 0)
             kept = measured(probe, modules)
@@ -244,6 +264,8 @@ def main() -> None:
             rows += trained_lora_rows(name, source, probe, base, calib_texts, rank, lora, args.lora_lr)
         best = max((x for x in rows if x["adapter"] == name), key=lambda x: x["retention"] or -1)
         print(f"{name}: {sum(x['adapter'] == name for x in rows)} rows; best {best['method']} {best['retention']:.3f}", flush=True)
+        if args.json:  # a long run that stops keeps what it measured
+            Path(args.json).write_text(json.dumps(rows, indent=1))
 
     if args.pack:
         fit = FitSettings(num_vectors=args.num_vectors, vector_length=args.vector_length, device=args.device, rank=args.pack_rank)

@@ -100,10 +100,10 @@ class BankModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def order_entrants(self, gradients: list[torch.Tensor], spread: float = 4.0) -> None:
+    def order_entrants(self, gradients: list[torch.Tensor], spread: float = 4.0, subvectors: list[torch.Tensor] | None = None) -> None:
         """Order each code's unselected logits by where the loss gradient points.
 
-        ``gradients``: d loss / d :meth:`subvectors`. Moving sub-vector u towards bank vector b_j changes the loss
+        ``gradients``: d loss / d :meth:`subvectors` (``subvectors``: those, when the caller has them). Moving sub-vector u towards bank vector b_j changes the loss
         at the rate -g·(b_j - u)/‖b_j - u‖ per unit of distance. Unselected logits start tied ``init_gap`` below the
         weakest selected one, and top-k's gradient never reaches them, so the vector that enters when training
         lowers a selected logit is an arbitrary one of the tie; here the one towards which the loss falls fastest
@@ -112,7 +112,8 @@ class BankModel(nn.Module):
         were. (Lifting the best entrant to 0.5 below the threshold was measured worse: on MiniLM codes at rank 4
         and 8, Adam's first steps swapped vectors in almost every row and held-out retention fell from 0.32 to -1.69.)
         """
-        for logits, g, u in zip(self.logits, gradients, self.subvectors(), strict=True):
+        subs = self.subvectors() if subvectors is None else subvectors
+        for logits, g, u in zip(self.logits, gradients, subs, strict=True):
             # the loss's slope along u -> b_j, per unit of distance: the plain first-order gain per unit of mixture
             # weight favours far (large) vectors, whose second-order cost it ignores (measured worse)
             gain = ((g * u).sum(-1, keepdim=True) - g @ self.bank.T) / torch.cdist(u, self.bank).clamp_min(1e-12)  # [rows, N]
@@ -307,7 +308,7 @@ class Calibration:
             loss = self.objective.loss(self.batches[i], self.targets()[i], model.deltas(subs))
             for total, g in zip(grads, torch.autograd.grad(loss, subs), strict=True):
                 total += g
-        model.order_entrants(grads)
+        model.order_entrants(grads, subvectors=[s.detach() for s in subs])
 
     def _run(self, vb, progress, freeze_bank, measure, fixed_rows=0) -> tuple[VectorBank, CalibrationReport]:
         start = time.perf_counter()

@@ -97,7 +97,7 @@ def train_lora(base: Base, source, rank: int, texts: list[str], settings: Calibr
     objective = TokenKL(base, teacher, settings.teacher_topk) if base.causal else HiddenMSE(base, teacher)
     batches = [base.encode(train[i : i + settings.batch_size], settings.max_length) for i in range(0, len(train), settings.batch_size)]
     with torch.no_grad():
-        targets = [objective.target(b) for b in batches]
+        targets = objective.targets(batches)
     for step in range(settings.steps):
         i = step % len(batches)
         loss = objective.loss(batches[i], targets[i], as_deltas(source, params))

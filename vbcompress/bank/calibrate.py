@@ -138,6 +138,9 @@ class HiddenMSE:
         self.base, self.teacher = base, teacher
         self.name = "MSE"
 
+    def targets(self, batches: list[dict]) -> list:
+        return [self.target(b) for b in batches]
+
     def target(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.base.forward(batch, self.teacher), self.base.forward(batch, None)
 
@@ -158,25 +161,30 @@ class TokenKL:
         self.base, self.teacher, self.topk = base, teacher, topk
         self.name = f"top-{topk} KL" if topk else "KL"
 
-    def target(self, batch: dict):
+    def targets(self, batches: list[dict]) -> list:
+        """Every batch's target; one bfloat16 screen of the head serves them all (:meth:`Base.top_logits`)."""
+        screen = self.base.screen() if self.topk else None
+        return [self.target(b, screen) for b in batches]
+
+    def target(self, batch: dict, screen=None):
         mask = batch["attention_mask"]
         h_t = real_positions(self.base.hidden(batch, self.teacher), mask)
         h_b = real_positions(self.base.hidden(batch, None), mask)
-        ids, logp, effect = [], [], 0.0
+        if self.topk:
+            # renormalized over the K tokens, so the full vocabulary's normalizer cancels: top logits suffice
+            top, ids = self.base.top_logits(h_t, self.topk, screen)
+            logp = torch.log_softmax(top, -1)
+            effect = 0.0
+            for c in range(0, len(h_b), CHUNK_TOKENS):
+                lb = torch.log_softmax(self.base.logits_at(h_b[c : c + CHUNK_TOKENS], ids[c : c + CHUNK_TOKENS]), -1)
+                lp = logp[c : c + CHUNK_TOKENS]
+                effect += float((lp.exp() * (lp - lb)).sum())
+            return ids, logp, effect
+        effect = 0.0
         for c in range(0, len(h_t), CHUNK_TOKENS):
             t = torch.log_softmax(self.base.logits(h_t[c : c + CHUNK_TOKENS]), -1)
-            if self.topk:
-                top = t.topk(min(self.topk, t.shape[-1]), -1)
-                lp = torch.log_softmax(top.values, -1)
-                lb = torch.log_softmax(self.base.logits_at(h_b[c : c + CHUNK_TOKENS], top.indices), -1)
-                ids.append(top.indices)
-                logp.append(lp)
-                effect += float((lp.exp() * (lp - lb)).sum())
-            else:
-                lb = torch.log_softmax(self.base.logits(h_b[c : c + CHUNK_TOKENS]), -1)
-                effect += float((t.exp() * (t - lb)).sum())
-        if self.topk:
-            return torch.cat(ids), torch.cat(logp), effect
+            lb = torch.log_softmax(self.base.logits(h_b[c : c + CHUNK_TOKENS]), -1)
+            effect += float((t.exp() * (t - lb)).sum())
         return None, None, effect
 
     def loss(self, batch: dict, target, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -282,7 +290,7 @@ class Calibration:
     def targets(self) -> list:
         if self._targets is None:
             with self.mode(), torch.no_grad():
-                self._targets = [self.objective.target(b) for b in self.batches]
+                self._targets = self.objective.targets(self.batches)
         return self._targets
 
     def mode(self):

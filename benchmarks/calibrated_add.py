@@ -1,7 +1,7 @@
 """Time and keep of a calibrated `add`: one gemma-3-270m adapter added with `--base` to a collection of the
 three gemma3-270m-attn-r4 siblings at the default quality floor, then the codes' calibration alone at the rank
-the add chose, under the settings to compare (STEPS:LR[:GRADIENT_START]; the first is the baseline: the defaults
-without the gradient start).
+the add chose, under the settings to compare (STEPS:LR[:GRADIENT_START[:BACKWARD]]; the first is the baseline:
+the defaults with a float32 backward pass).
 
 The add runs in a spawned child (its own wall time and peak RSS) on a fresh copy of the collection. Every
 retention below is KL retention on examples/text/heldout.txt, never used for calibration nor by the add's own
@@ -67,7 +67,11 @@ def main() -> None:
     ap.add_argument("--adapter", default="gemma3-270m-ner-r8")
     ap.add_argument("--base", default=str(GEMMA))
     d = CalibrationSettings()
-    ap.add_argument("--compare", nargs="*", default=[f"{d.code_steps}:{d.code_lr}:0", f"{d.code_steps}:{d.code_lr}:{d.gradient_start}"])
+    ap.add_argument(
+        "--compare",
+        nargs="*",
+        default=[f"{d.code_steps}:{d.code_lr}:{d.gradient_start}:float32", f"{d.code_steps}:{d.code_lr}:{d.gradient_start}:{d.backward}"],
+    )
     ap.add_argument("--rank", type=int, help="the rank of codes to calibrate in the comparison [default: the add's bank rank, else 1]")
     ap.add_argument("--heldout", type=int, default=48, help="held-out lines to measure on")
     ap.add_argument("--json")
@@ -92,15 +96,17 @@ def main() -> None:
         rows = [{"settings": "weight fit only", "seconds": 0.0, "kl_retention": kept(probe, VectorBank(bank, 2, start), source)}]
         texts = read_texts(CALIBRATION)
         for spec in args.compare:
-            steps, lr, *grad = spec.split(":")
-            steps, lr, grad = int(steps), float(lr), int(grad[0]) if grad else CalibrationSettings.gradient_start
-            calibration = Calibration(source, base, texts, CalibrationSettings(code_steps=steps, code_lr=lr, gradient_start=grad))
+            steps, lr, *more = spec.split(":")
+            grad = int(more[0]) if more else CalibrationSettings.gradient_start
+            backward = more[1] if len(more) > 1 else CalibrationSettings.backward
+            settings = CalibrationSettings(code_steps=int(steps), code_lr=float(lr), gradient_start=grad, backward=backward)
+            calibration = Calibration(source, base, texts, settings)
             t = time.perf_counter()
             trained, _ = calibration.run(VectorBank(bank, 2, start), freeze_bank=True, measure=False)
             seconds = time.perf_counter() - t
             rows.append(
                 {
-                    "settings": f"{steps} steps, lr {lr:g}, gradient start {grad}",
+                    "settings": f"{steps} steps, lr {float(lr):g}, gradient start {grad}, {backward} backward",
                     "seconds": seconds,
                     "kl_retention": kept(probe, trained, source),
                 }

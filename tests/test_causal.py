@@ -88,6 +88,31 @@ def test_the_bfloat16_screen_picks_exactly_the_float32_top_tokens(tiny):
     assert (rough.sort(1).values != want.indices.sort(1).values).any(1).sum() > 30
 
 
+
+def test_a_bfloat16_backward_leaves_the_forward_exact_and_the_gradient_close(tiny):
+    """Calibration's default on a CPU: the loss a user sees is float32's to the bit, its gradient a few
+    thousandths off, and the model is itself again after."""
+    base_dir, lora = tiny
+    adapter = load_adapter(lora)
+    base = Base(base_dir, adapter)
+    teacher = adapter.delta_weights()
+    batch = base.encode(WORDS, 16)
+    objective = TokenKL(base, teacher, 8)
+    target = objective.target(batch)
+
+    def loss_and_grad():
+        student = {n: (0.3 * d).requires_grad_() for n, d in teacher.items()}
+        loss = objective.loss(batch, target, student)
+        return loss.detach(), torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(student.values()))])
+
+    loss, grad = loss_and_grad()
+    with base.bfloat16_backward():
+        low_loss, low_grad = loss_and_grad()
+    assert torch.equal(low_loss, loss)
+    assert not torch.equal(low_grad, grad) and (low_grad - grad).norm() < 0.02 * grad.norm()
+    again = loss_and_grad()
+    assert torch.equal(again[0], loss) and torch.equal(again[1], grad)
+
 @pytest.mark.parametrize("k", [0, 4, 96])
 def test_the_kl_loss_is_zero_at_the_teacher_and_positive_away_from_it(tiny, k):
     base_dir, lora = tiny

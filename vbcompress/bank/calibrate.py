@@ -335,7 +335,8 @@ class Calibration:
         codes_only = freeze_bank or grown
         batches, targets = self.batches, self.targets()
         if codes_only and settings.gradient_start:
-            self._point_entrants(model, settings.gradient_start)
+            with base.bfloat16_backward(settings.backward == "bfloat16"):
+                self._point_entrants(model, settings.gradient_start)
         groups = [{"params": list(model.logits), "lr": (settings.code_lr if codes_only else settings.lr) * 10}]
         if not freeze_bank:
             # a grown bank's new rows move with the codes, at their rate (ner-r8, 16 new vectors: 0.661 → 0.700)
@@ -346,7 +347,8 @@ class Calibration:
             i = step % len(batches)
             return self.objective.loss(batches[i], targets[i], model.deltas())
 
-        losses = train(groups, steps, loss_at, progress, "calibrate")
+        with base.bfloat16_backward(settings.backward == "bfloat16"):
+            losses = train(groups, steps, loss_at, progress, "calibrate")
         result = model.vector_bank()
         with torch.no_grad():
             after = (

@@ -88,7 +88,6 @@ def test_the_bfloat16_screen_picks_exactly_the_float32_top_tokens(tiny):
     assert (rough.sort(1).values != want.indices.sort(1).values).any(1).sum() > 30
 
 
-
 def test_a_bfloat16_backward_leaves_the_forward_exact_and_the_gradient_close(tiny):
     """Calibration's default on a CPU: the loss a user sees is float32's to the bit, its gradient a few
     thousandths off, and the model is itself again after."""
@@ -112,6 +111,7 @@ def test_a_bfloat16_backward_leaves_the_forward_exact_and_the_gradient_close(tin
     assert not torch.equal(low_grad, grad) and (low_grad - grad).norm() < 0.02 * grad.norm()
     again = loss_and_grad()
     assert torch.equal(again[0], loss) and torch.equal(again[1], grad)
+
 
 @pytest.mark.parametrize("k", [0, 4, 96])
 def test_the_kl_loss_is_zero_at_the_teacher_and_positive_away_from_it(tiny, k):

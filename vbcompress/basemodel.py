@@ -183,7 +183,7 @@ class Base:
         row norm (V × d × 2 bytes, 335 MB for Gemma 3; the caller holds it while it needs it). None where
         screening does not apply: no separate head, a head with a bias, or a GPU (float32 is fast there, and
         torch lets cuBLAS reduce bfloat16 products in bfloat16, which the error bound does not cover)."""
-        if self._decoder is None or getattr(self.head, "bias", None) is not None or self.device.type != "cpu":
+        if getattr(self, "_decoder", None) is None or getattr(self.head, "bias", None) is not None or self.device.type != "cpu":
             return None
         w = self.head.weight.detach()
         return w.to(torch.bfloat16), float(w.norm(dim=1).max())
@@ -254,14 +254,18 @@ class Base:
         # with the decoder run alone, the head is never called as a layer: no bfloat16 copy of it
         inside = self._prefix if getattr(self, "_decoder", None) is not None else ""
         layers = [(n, m) for n, m in self.model.named_modules() if type(m) in (nn.Linear, Conv1D) and n.startswith(inside)]
+        own = {n: m.__dict__["forward"] for n, m in layers if "forward" in m.__dict__}  # a hook's, put back after
         try:
             for name, m in layers:
                 low = None if name in self.weights else m.weight.detach().to(torch.bfloat16)
                 m.forward = functools.partial(_bf16_grad_layer, m, low, isinstance(m, Conv1D))
             yield
         finally:
-            for _, m in layers:
-                m.__dict__.pop("forward", None)
+            for name, m in layers:
+                if name in own:
+                    m.forward = own[name]
+                else:
+                    m.__dict__.pop("forward", None)
 
     @contextlib.contextmanager
     def applied(self, deltas: dict[str, torch.Tensor]):

@@ -15,9 +15,9 @@ from vbcompress import CalibrationSettings, FitSettings, load_adapter
 from vbcompress.bank import fit
 from vbcompress.bank.calibrate import TokenKL
 from vbcompress.bank.pipeline import calibration_texts
-from vbcompress.basemodel import Base, read_texts
+from vbcompress.basemodel import Base, bfloat16_flags, read_texts
 from vbcompress.compress import lora2vb
-from vbcompress.errors import FormatError, VBCompressError
+from vbcompress.errors import FormatError, SettingError, VBCompressError
 from vbcompress.evaluate import evaluate
 from vbcompress.files import REPORT_FILE
 from vbcompress.retention import Probe, retention
@@ -111,6 +111,15 @@ def test_a_bfloat16_backward_leaves_the_forward_exact_and_the_gradient_close(tin
     assert not torch.equal(low_grad, grad) and (low_grad - grad).norm() < 0.02 * grad.norm()
     again = loss_and_grad()
     assert torch.equal(again[0], loss) and torch.equal(again[1], grad)
+
+
+def test_the_bfloat16_backward_is_automatic_only_on_cpus_that_multiply_bfloat16():
+    assert bfloat16_flags("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert bfloat16_flags("Features\t: fp asimd sve bf16 i8mm\n")
+    assert not bfloat16_flags("flags\t\t: fpu sse2 avx2 avx512f avx512bw\nmodel name\t: bf16 in a name\n")
+    assert CalibrationSettings().backward == "auto"
+    with pytest.raises(SettingError, match="backward"):
+        CalibrationSettings(backward="half").check()
 
 
 @pytest.mark.parametrize("k", [0, 4, 96])

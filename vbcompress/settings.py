@@ -20,7 +20,7 @@ FORMATS = ("peft", "vblora", "kohya", "diffusers", "mlx")  # formats.REGISTRY, n
 DENSE_FORMATS = ("peft", "kohya", "diffusers")  # the formats with a writer: what a dense LoRA can be written as
 INITS = ("residual", "kmeans++")
 HOLDS = ("auto", "bank", "lowrank")
-GRAD_PRECISIONS = ("bfloat16", "float32")
+GRAD_PRECISIONS = ("auto", "bfloat16", "float32")  # auto: bfloat16 where the CPU multiplies it in hardware
 # The floor a collection holds every adapter to unless told otherwise: never land one that keeps less than
 # half of what it does (KL retention with a base model; without one, ΔW error, which is the stricter proxy:
 # on Gemma 3 270M an int4 rank-1 copy at ΔW error 0.6 still keeps 0.9 KL retention).
@@ -219,8 +219,9 @@ class CalibrationSettings:
         64, "Causal LMs: train on the teacher's top K next tokens per position (memory flat in the vocabulary); 0 = exact KL."
     )
     backward: str = setting(
-        "bfloat16",
-        "Precision of the gradient through the base's linear layers on a CPU (the forward pass and the loss stay float32).",
+        "auto",
+        "Precision of the gradient through the base's linear layers on a CPU (the forward pass and the loss stay float32; "
+        "auto: bfloat16 where the CPU has bfloat16 units, else float32).",
         choices=GRAD_PRECISIONS,
         cli=False,
     )  # Gemma 3 270M, ner-r8: gradients 0.3% off, KL retention 0.606 vs 0.607, ~7% faster, +0.35 GiB (benchmarks/calibrated_add.py)

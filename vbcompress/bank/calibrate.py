@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..adapter import Adapter
-from ..basemodel import CHUNK_TOKENS, Base, effect_distance, real_positions
+from ..basemodel import CHUNK_TOKENS, Base, effect_distance, native_bfloat16, real_positions
 from ..codec.layout import VBCode, VectorBank, untile_B
 from ..retention import Retention, retention
 from ..settings import CalibrationSettings, Progress
@@ -163,7 +163,7 @@ class TokenKL:
 
     def targets(self, batches: list[dict]) -> list:
         """Every batch's target; one bfloat16 screen of the head serves them all (:meth:`Base.top_logits`)."""
-        screen = self.base.screen() if self.topk else None
+        screen = self.base.screen() if self.topk and native_bfloat16() else None
         return [self.target(b, screen) for b in batches]
 
     def target(self, batch: dict, screen=None):
@@ -334,8 +334,9 @@ class Calibration:
         # large enough to swap which bank vectors a sub-vector mixes (settings.code_lr, measured).
         codes_only = freeze_bank or grown
         batches, targets = self.batches, self.targets()
+        low_grad = settings.backward == "bfloat16" or (settings.backward == "auto" and native_bfloat16())
         if codes_only and settings.gradient_start:
-            with base.bfloat16_backward(settings.backward == "bfloat16"):
+            with base.bfloat16_backward(low_grad):
                 self._point_entrants(model, settings.gradient_start)
         groups = [{"params": list(model.logits), "lr": (settings.code_lr if codes_only else settings.lr) * 10}]
         if not freeze_bank:
@@ -347,7 +348,7 @@ class Calibration:
             i = step % len(batches)
             return self.objective.loss(batches[i], targets[i], model.deltas())
 
-        with base.bfloat16_backward(settings.backward == "bfloat16"):
+        with base.bfloat16_backward(low_grad):
             losses = train(groups, steps, loss_at, progress, "calibrate")
         result = model.vector_bank()
         with torch.no_grad():

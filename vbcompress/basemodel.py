@@ -198,7 +198,7 @@ class Base:
         (operands rounded to 8 bits, float32 accumulation, a rounded result: ≤ 2^-7.9 ‖h‖ max‖w‖ + 2^-8
         |logit|), so the tokens chosen are exactly the float32 ones; other rows are formed in float32."""
         k = min(k, h.shape[-1] if self._decoder is None else self.head.weight.shape[0])
-        if screen is None or 2 * k >= screen[0].shape[0]:
+        if screen is None or 2 * k >= screen[0].shape[0] or not len(h):
             return self._top_exact(h, k)
         head, wmax = screen
         values, ids = [], []

@@ -26,7 +26,7 @@ import torch
 from vbcompress import CalibrationSettings, FitSettings, load_adapter
 from vbcompress.bank.calibrate import BankModel, Calibration
 from vbcompress.bank.pipeline import fit_settings_for, run_fit
-from vbcompress.basemodel import Base, native_bfloat16, read_texts
+from vbcompress.basemodel import Base, grad_precision, read_texts
 from vbcompress.codec.layout import VectorBank
 from vbcompress.collection import Collection, add, pack
 from vbcompress.collection.hold import sliced
@@ -106,8 +106,7 @@ def main() -> None:
             seconds = time.perf_counter() - t
             rows.append(
                 {
-                    "settings": f"{steps} steps, lr {float(lr):g}, gradient start {grad}, {backward} backward"
-                    + (f" ({'bfloat16' if native_bfloat16() else 'float32'})" if backward == "auto" else ""),
+                    "settings": f"{steps} steps, lr {float(lr):g}, gradient start {grad}, {grad_precision(backward)} backward",
                     "seconds": seconds,
                     "kl_retention": kept(probe, trained, source),
                 }

@@ -320,6 +320,11 @@ def native_bfloat16() -> bool:
         return False
 
 
+def grad_precision(setting: str) -> str:
+    """``CalibrationSettings.backward`` resolved: ``auto`` is bfloat16 where the CPU multiplies it in hardware."""
+    return "bfloat16" if setting == "bfloat16" or (setting == "auto" and native_bfloat16()) else "float32"
+
+
 def bfloat16_flags(cpuinfo: str) -> bool:
     """Whether ``/proc/cpuinfo`` text names a bfloat16 multiply unit (x86 ``flags``, Arm ``Features``)."""
     lines = (line.split(":", 1)[-1].split() for line in cpuinfo.splitlines() if line.startswith(("flags", "Features")))

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..adapter import Adapter
-from ..basemodel import CHUNK_TOKENS, Base, effect_distance, native_bfloat16, real_positions
+from ..basemodel import CHUNK_TOKENS, Base, effect_distance, grad_precision, native_bfloat16, real_positions
 from ..codec.layout import VBCode, VectorBank, untile_B
 from ..retention import Retention, retention
 from ..settings import CalibrationSettings, Progress
@@ -334,10 +334,6 @@ class Calibration:
         # large enough to swap which bank vectors a sub-vector mixes (settings.code_lr, measured).
         codes_only = freeze_bank or grown
         batches, targets = self.batches, self.targets()
-        low_grad = settings.backward == "bfloat16" or (settings.backward == "auto" and native_bfloat16())
-        if codes_only and settings.gradient_start:
-            with base.bfloat16_backward(low_grad):
-                self._point_entrants(model, settings.gradient_start)
         groups = [{"params": list(model.logits), "lr": (settings.code_lr if codes_only else settings.lr) * 10}]
         if not freeze_bank:
             # a grown bank's new rows move with the codes, at their rate (ner-r8, 16 new vectors: 0.661 → 0.700)
@@ -348,7 +344,10 @@ class Calibration:
             i = step % len(batches)
             return self.objective.loss(batches[i], targets[i], model.deltas())
 
-        with base.bfloat16_backward(low_grad):
+        # one bfloat16 copy of the frozen weights serves the gradient start and the steps
+        with base.bfloat16_backward(grad_precision(settings.backward) == "bfloat16"):
+            if codes_only and settings.gradient_start:
+                self._point_entrants(model, settings.gradient_start)
             losses = train(groups, steps, loss_at, progress, "calibrate")
         result = model.vector_bank()
         with torch.no_grad():

@@ -15,7 +15,7 @@ from vbcompress import CalibrationSettings, FitSettings, load_adapter
 from vbcompress.bank import fit
 from vbcompress.bank.calibrate import TokenKL
 from vbcompress.bank.pipeline import calibration_texts
-from vbcompress.basemodel import Base, bfloat16_flags, read_texts
+from vbcompress.basemodel import Base, LowRank, bfloat16_flags, read_texts
 from vbcompress.compress import lora2vb
 from vbcompress.errors import FormatError, SettingError, VBCompressError
 from vbcompress.evaluate import evaluate
@@ -111,6 +111,37 @@ def test_a_bfloat16_backward_leaves_the_forward_exact_and_the_gradient_close(tin
     assert not torch.equal(low_grad, grad) and (low_grad - grad).norm() < 0.02 * grad.norm()
     again = loss_and_grad()
     assert torch.equal(again[0], loss) and torch.equal(again[1], grad)
+
+
+def test_a_delta_given_by_its_factors_acts_and_trains_as_the_dense_delta(tiny):
+    """Calibration hands the model each ΔW as its factors (its gradient is then two thin products): the
+    outputs, the loss and the factors' gradients are the dense ΔW's, with either backward, and no hook
+    outlives the call."""
+    base_dir, lora = tiny
+    adapter = load_adapter(lora)
+    base = Base(base_dir, adapter)
+    batch = base.encode(WORDS, 16)
+    objective = TokenKL(base, adapter.delta_weights(), 8)
+    target = objective.target(batch)
+    plain = base.hidden(batch, {})
+
+    def loss_and_grad(low_rank: bool):
+        factors = {n: [(0.3 * t).requires_grad_() for t in m.folded()] for n, m in adapter.modules.items()}
+        dense = {n: (b @ a).T if adapter.modules[n].transposed else b @ a for n, (b, a) in factors.items()}
+        deltas = {n: LowRank(b, a) for n, (b, a) in factors.items()} if low_rank else dense
+        loss = objective.loss(batch, target, deltas)
+        grads = torch.autograd.grad(loss, [t for f in factors.values() for t in f])
+        return loss.detach(), torch.cat([g.flatten() for g in grads])
+
+    for bf16 in (False, True):
+        with base.bfloat16_backward(bf16):
+            (dense_loss, dense_grad), (low_loss, low_grad) = loss_and_grad(False), loss_and_grad(True)
+        torch.testing.assert_close(low_loss, dense_loss, rtol=1e-5, atol=1e-7)
+        assert (low_grad - dense_grad).norm() < (0.02 if bf16 else 1e-4) * dense_grad.norm()
+    deltas = adapter.delta_weights()
+    factors = {n: LowRank(*m.folded()) for n, m in adapter.modules.items()}
+    torch.testing.assert_close(base.forward(batch, factors), base.forward(batch, deltas), rtol=1e-5, atol=1e-5)
+    assert torch.equal(base.hidden(batch, {}), plain)
 
 
 def test_the_bfloat16_backward_is_automatic_only_on_cpus_that_multiply_bfloat16():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +45,16 @@ def read_texts(path: str | Path) -> list[str]:
     if not texts:
         raise FormatError(path, "no calibration text in the file")
     return texts
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A ΔW given by its factors, ``ΔW = B @ A`` in ``[out, in]`` orientation whatever the layer's weight
+    layout (``B: [out, r]``, ``A: [r, in]``). :class:`Base` adds ``(x Aᵀ) Bᵀ`` to the layer's output instead
+    of ``ΔW`` to its weight: a trained ΔW's gradient is then two thin products, not an ``[out, in]`` one."""
+
+    B: torch.Tensor
+    A: torch.Tensor
 
 
 class Base:
@@ -150,18 +161,35 @@ class Base:
         out = self._call(batch, deltas, **kwargs)
         return out.logits if self.causal else out.last_hidden_state
 
-    def _call(self, batch: dict, deltas: dict[str, torch.Tensor] | None, **kwargs):
-        # deltas may live elsewhere (a CPU teacher for a model on the GPU): .to is a no-op when they don't
-        overrides = {self.weights[n]: self.params[self.weights[n]] + d.to(self.device) for n, d in (deltas or {}).items()}
-        return torch.func.functional_call(self.model, overrides, args=(), kwargs={**batch, **kwargs}, strict=False)
+    def _call(self, batch: dict, deltas: dict | None, **kwargs):
+        with self._applying(deltas, self.model, "") as overrides:
+            return torch.func.functional_call(self.model, overrides, args=(), kwargs={**batch, **kwargs}, strict=False)
 
-    def hidden(self, batch: dict, deltas: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    def hidden(self, batch: dict, deltas: dict | None) -> torch.Tensor:
         """Causal LMs: final hidden states ``[batch, tokens, d]`` (the head's input), without forming logits."""
         if self._decoder is None:
             return self.forward(batch, deltas)  # "hidden" = logits; self.logits() is then the identity
-        n = len(self._prefix)
-        overrides = {self.weights[m][n:]: self.params[self.weights[m]] + d.to(self.device) for m, d in (deltas or {}).items()}
-        return torch.func.functional_call(self._decoder, overrides, args=(), kwargs=batch, strict=False).last_hidden_state
+        with self._applying(deltas, self._decoder, self._prefix) as overrides:
+            return torch.func.functional_call(self._decoder, overrides, args=(), kwargs=batch, strict=False).last_hidden_state
+
+    @contextlib.contextmanager
+    def _applying(self, deltas: dict | None, model: nn.Module, prefix: str):
+        """``deltas`` (module → ΔW in the weight's layout, or :class:`LowRank`) on ``model``: dense ones as
+        weight overrides for ``functional_call`` (yielded), low-rank ones as output hooks while inside."""
+        # deltas may live elsewhere (a CPU teacher for a model on the GPU): .to is a no-op when they don't
+        overrides, hooks, n = {}, [], len(prefix)
+        try:
+            for name, d in (deltas or {}).items():
+                weight = self.weights[name]
+                if isinstance(d, LowRank):
+                    add = functools.partial(_add_low_rank, d.B.to(self.device), d.A.to(self.device))
+                    hooks.append(model.get_submodule(weight[n:].rsplit(".", 1)[0]).register_forward_hook(add))
+                else:
+                    overrides[weight[n:]] = self.params[weight] + d.to(self.device)
+            yield overrides
+        finally:
+            for h in hooks:
+                h.remove()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits of hidden states from :meth:`hidden` (``[..., d] → [..., V]``)."""
@@ -256,9 +284,9 @@ class Base:
         layers = [(n, m) for n, m in self.model.named_modules() if type(m) in (nn.Linear, Conv1D) and n.startswith(inside)]
         own = {n: m.__dict__["forward"] for n, m in layers if "forward" in m.__dict__}  # a hook's, put back after
         try:
-            for name, m in layers:
-                low = None if name in self.weights else m.weight.detach().to(torch.bfloat16)
-                m.forward = functools.partial(_bf16_grad_layer, m, low, isinstance(m, Conv1D))
+            for _, m in layers:
+                # adapted layers too: a low-rank ΔW leaves their weight as it is (a dense one replaces it, see below)
+                m.forward = functools.partial(_bf16_grad_layer, m, m.weight, m.weight.detach().to(torch.bfloat16), isinstance(m, Conv1D))
             yield
         finally:
             for name, m in layers:
@@ -331,9 +359,15 @@ def bfloat16_flags(cpuinfo: str) -> bool:
     return any({"avx512_bf16", "amx_bf16", "bf16"} & set(words) for words in lines)
 
 
-def _bf16_grad_layer(layer: nn.Module, low: torch.Tensor | None, conv1d: bool, x: torch.Tensor) -> torch.Tensor:
-    # the weight is read at call time: torch.func.functional_call swaps in W + ΔW for adapted layers
-    return _Bf16Grad.apply(x, layer.weight, layer.bias, low, conv1d)
+def _bf16_grad_layer(layer: nn.Module, frozen: torch.Tensor, low: torch.Tensor, conv1d: bool, x: torch.Tensor) -> torch.Tensor:
+    # the weight is read at call time: torch.func.functional_call swaps in W + ΔW for densely adapted layers,
+    # whose bfloat16 copy is then made from it
+    weight = layer.weight
+    return _Bf16Grad.apply(x, weight, layer.bias, low if weight is frozen else None, conv1d)
+
+
+def _add_low_rank(B: torch.Tensor, A: torch.Tensor, layer: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out + (args[0] @ A.T) @ B.T
 
 
 class _Bf16Grad(torch.autograd.Function):

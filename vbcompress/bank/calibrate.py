@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..adapter import Adapter
-from ..basemodel import CHUNK_TOKENS, Base, effect_distance, grad_precision, native_bfloat16, real_positions
+from ..basemodel import CHUNK_TOKENS, Base, LowRank, effect_distance, grad_precision, native_bfloat16, real_positions
 from ..codec.layout import VBCode, VectorBank, untile_B
 from ..retention import Retention, retention
 from ..settings import CalibrationSettings, Progress
@@ -88,14 +88,24 @@ class BankModel(nn.Module):
         k = self.topk
         return [Mix.apply(self.bank, w.reshape(-1, k), i.reshape(-1, k)) for i, w in map(self.codes, range(len(self.logits)))]
 
+    def factors(self, subvectors: list[torch.Tensor] | None = None) -> dict[str, LowRank]:
+        """ΔW per module as its factors (``B: [out, r]``, ``A: [r, in]``), from ``subvectors`` when given: what
+        training passes to :class:`~vbcompress.basemodel.Base`, whose gradient then never forms an ``[out, in]``
+        matrix."""
+        subs = self.subvectors() if subvectors is None else subvectors
+        return {
+            name: LowRank(
+                untile_B(subs[2 * j + 1].reshape(*self.logits[2 * j + 1].shape[:-1], -1)),
+                subs[2 * j].reshape(self.logits[2 * j].shape[0], -1),
+            )
+            for j, name in enumerate(self.names)
+        }
+
     def deltas(self, subvectors: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """ΔW per module (``[out, in]``, transposed where the module stores it so), from ``subvectors`` when given."""
-        subs = self.subvectors() if subvectors is None else subvectors
         out = {}
-        for j, name in enumerate(self.names):
-            a = subs[2 * j].reshape(self.logits[2 * j].shape[0], -1)
-            b = untile_B(subs[2 * j + 1].reshape(*self.logits[2 * j + 1].shape[:-1], -1))
-            delta = b @ a
+        for name, f in self.factors(subvectors).items():
+            delta = f.B @ f.A
             out[name] = delta.T if self.layout[name] else delta
         return out
 
@@ -313,7 +323,7 @@ class Calibration:
         subs = [s.detach().requires_grad_() for s in model.subvectors()]
         grads = [torch.zeros_like(s) for s in subs]
         for i in range(min(batches, len(self.batches))):
-            loss = self.objective.loss(self.batches[i], self.targets()[i], model.deltas(subs))
+            loss = self.objective.loss(self.batches[i], self.targets()[i], model.factors(subs))
             for total, g in zip(grads, torch.autograd.grad(loss, subs), strict=True):
                 total += g
         model.order_entrants(grads, subvectors=[s.detach() for s in subs])
@@ -342,7 +352,7 @@ class Calibration:
 
         def loss_at(step: int) -> torch.Tensor:
             i = step % len(batches)
-            return self.objective.loss(batches[i], targets[i], model.deltas())
+            return self.objective.loss(batches[i], targets[i], model.factors())
 
         # one bfloat16 copy of the frozen weights serves the gradient start and the steps
         with base.bfloat16_backward(grad_precision(settings.backward) == "bfloat16"):

@@ -56,7 +56,7 @@ def calibrate_shared(
     def loss_at(step: int) -> torch.Tensor:
         i = step % n  # round the adapters, each through its own batches in turn
         cal, b = calibrations[i], (step // n) % len(calibrations[i].batches)
-        return cal.objective.loss(cal.batches[b], targets[i][b], models[i].deltas())
+        return cal.objective.loss(cal.batches[b], targets[i][b], models[i].factors())
 
     with calibrations[0].mode():
         losses = train(groups, steps, loss_at, progress, "calibrate bank")

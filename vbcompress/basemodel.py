@@ -183,7 +183,7 @@ class Base:
                 weight = self.weights[name]
                 if isinstance(d, LowRank):
                     add = functools.partial(_add_low_rank, d.B.to(self.device), d.A.to(self.device))
-                    hooks.append(model.get_submodule(weight[n:].rsplit(".", 1)[0]).register_forward_hook(add))
+                    hooks.append(model.get_submodule(name[n:]).register_forward_hook(add))
                 else:
                     overrides[weight[n:]] = self.params[weight] + d.to(self.device)
             yield overrides

@@ -199,6 +199,12 @@ class CalibrationSettings:
         "its adapters in turn (0: the weight-fitted bank, codes calibrated alone).",
     )
     code_steps: int = setting(100, "Calibration steps when only an adapter's codes train against a frozen bank (pack, add).")
+    warm_steps: int = setting(
+        25,
+        "A calibrated rank search (pack, add): steps for a rank started from the codes calibrated at the nearest higher "
+        "rank, sliced (0: every rank from its weight fit, in full).",
+    )  # svg-r16-qv on the attn-r4 siblings' bank, held-out KL retention, 25 steps from rank 8's codes against 100 from the
+    # weight fit: rank 3 0.420 / 0.415, rank 4 0.455 / 0.434, rank 5 0.468 / 0.465
     code_lr: float = setting(
         0.1, "Calibration learning rate when only codes train (pack, add; the logits take 10×)."
     )  # ner-r8 rank-1 codes on the attn-r4 siblings' bank, held-out KL retention: 400 steps at 1e-2 0.382,
@@ -227,7 +233,7 @@ class CalibrationSettings:
     )  # Gemma 3 270M, ner-r8: gradients 0.3% off, KL retention 0.606 vs 0.607, ~7% faster, +0.35 GiB (benchmarks/calibrated_add.py)
 
     def check(self) -> None:
-        negative = [n for n in ("steps", "code_steps", "gradient_start") if getattr(self, n) < 0]
+        negative = [n for n in ("steps", "code_steps", "warm_steps", "gradient_start") if getattr(self, n) < 0]
         if self.samples < 1 or negative:
             raise SettingError("samples" if self.samples < 1 else negative[0], "{setting} must be positive")
         for name in ("lr", "code_lr"):

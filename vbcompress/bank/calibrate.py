@@ -308,14 +308,21 @@ class Calibration:
         return deterministic() if self.base.device.type == "cuda" else contextlib.nullcontext()
 
     def run(
-        self, vb: VectorBank, progress: Progress | None = None, freeze_bank: bool = False, measure: bool = True, fixed_rows: int = 0
+        self,
+        vb: VectorBank,
+        progress: Progress | None = None,
+        freeze_bank: bool = False,
+        measure: bool = True,
+        fixed_rows: int = 0,
+        steps: int | None = None,
     ) -> tuple[VectorBank, CalibrationReport]:
         """``vb`` trained on the prepared problem; with ``measure``, retention before and after on the
         held-out texts (a caller that scores the result itself passes False). ``fixed_rows``: a shared bank
         grown for this adapter, whose first rows (other adapters' vectors) are held while the rest train with
-        the codes, as codes against a frozen bank do."""
+        the codes, as codes against a frozen bank do. ``steps``: instead of the settings' ``code_steps`` (codes
+        only) or ``steps``."""
         with self.mode():
-            return self._run(vb, progress, freeze_bank, measure, fixed_rows)
+            return self._run(vb, progress, freeze_bank, measure, fixed_rows, steps)
 
     def _point_entrants(self, model: BankModel, batches: int) -> None:
         """LoRA-GA's idea for codes: one gradient of the loss on the first ``batches`` batches, at the starting
@@ -328,7 +335,7 @@ class Calibration:
                 total += g
         model.order_entrants(grads, subvectors=[s.detach() for s in subs])
 
-    def _run(self, vb, progress, freeze_bank, measure, fixed_rows=0) -> tuple[VectorBank, CalibrationReport]:
+    def _run(self, vb, progress, freeze_bank, measure, fixed_rows=0, steps=None) -> tuple[VectorBank, CalibrationReport]:
         start = time.perf_counter()
         settings, base, device, held = self.settings, self.base, self.base.device, self.held if measure else []
         torch.manual_seed(self.seed)
@@ -348,7 +355,8 @@ class Calibration:
         if not freeze_bank:
             # a grown bank's new rows move with the codes, at their rate (ner-r8, 16 new vectors: 0.661 → 0.700)
             groups.append({"params": [model.bank], "lr": (settings.code_lr if grown else settings.lr) * scale})
-        steps = settings.code_steps if codes_only else settings.steps
+        if steps is None:
+            steps = settings.code_steps if codes_only else settings.steps
 
         def loss_at(step: int) -> torch.Tensor:
             i = step % len(batches)

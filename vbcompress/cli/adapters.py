@@ -80,7 +80,9 @@ lora2vb_options = stack(
     settings_options(SizeSettings, "size"),
     base_option,
     texts_option,
-    settings_options(CalibrationSettings, "calibration", skip=("code_steps", "code_lr", "gradient_start")),  # lora2vb trains the bank too
+    settings_options(
+        CalibrationSettings, "calibration", skip=("code_steps", "warm_steps", "code_lr", "gradient_start")
+    ),  # lora2vb trains the bank too
     overwrite_option,
     format_option,
     token_option,

@@ -26,7 +26,7 @@ from ..output import claim_output
 from ..retention import Probe
 from ..settings import CalibrationSettings, FitSettings, OutputSettings, Progress, QualitySettings, SizeSettings, resolve_device
 from ..sizing import collection_budget, fit_collection_for_budget
-from .hold import Growth, Holding, Judge, choose
+from .hold import Calibrate, Growth, Holding, Judge, choose
 from .schema import check_name
 from .store import BANK_FILE, CollectionSummary, Entry, Manifest, Store, sha256_of
 from .writes import settle, write_adapter, write_manifest
@@ -208,14 +208,16 @@ def hold(
         calibration = judging.calibration_for(source, fit.seed)
         probe = Probe(judging.model, calibration.held, calibration.teacher, calibration.settings.max_length)
 
-        def calibrate_codes(trial: dict[str, VBCode]) -> dict[str, VBCode]:
+        def train(trial: dict[str, VBCode], steps: int | None) -> dict[str, VBCode]:
             if trained:
                 # Trained with the bank, codes sit in its optimum; code_lr steps against the frozen bank jump out of it
                 # (ner-r8 rank 8 in the NER trio's calibrated pack: 0.952 as trained, 0.926 after 100 such steps).
                 return trial
             # the judge measures the result on the same held-out texts: calibration need not measure it too
             vb = VectorBank(bank=bank, topk=fit.topk, codes=trial)
-            return calibration.run(vb, progress, freeze_bank=True, measure=False)[0].codes
+            return calibration.run(vb, progress, freeze_bank=True, measure=False, steps=steps)[0].codes
+
+        calibrate_codes = Calibrate(train, 0 if trained else calibration.settings.warm_steps)
 
     growth = None
     if bank_dtype is not None and codes is not None and judging.quality.grow > 0:

@@ -16,6 +16,9 @@ The low-rank ladder is searched first (cheap to score), which bounds what bank c
 below that bound are searched from the largest down, so a bank that misses at its best rank costs one try.
 Calibrated codes are tried from rank 1 up instead, and before the ladder: each try is a training run, rank 1
 is where the bank has its ground, and when it meets the floor only cheaper low-rank points are worth scoring.
+Past rank 1, a rank below one already calibrated starts from that rank's calibrated codes, sliced, and trains
+for a few steps (``CalibrationSettings.warm_steps``): measured to keep as much as a full calibration from the
+weight fit, at a quarter of its steps.
 Along both ladders quality is assumed to grow with bytes (true of ΔW error; measured, not proven, for KL):
 the search bisects. What was tried is recorded with the adapter.
 """
@@ -66,6 +69,16 @@ class Growth:
     fit: Callable[[int, int], tuple[dict[str, VBCode], torch.Tensor]]
     vector_bytes: int
     most: int
+
+
+@dataclass
+class Calibrate:
+    """Training sliced bank codes on the base: ``train(codes, steps)`` → the trained codes (``steps`` None: a full
+    calibration). A rank below one already calibrated starts from that rank's trained codes, sliced, for
+    ``warm_steps`` steps (0: every rank from its weight fit, in full)."""
+
+    train: Callable[[dict[str, VBCode], int | None], dict[str, VBCode]]
+    warm_steps: int = 0
 
 
 GROW_FROM = 8  # the smallest growth tried; each next one doubles
@@ -166,7 +179,7 @@ def choose(
     judge: Judge,
     quality: QualitySettings,
     bank: tuple[torch.Tensor, int, dict[str, VBCode]] | None,
-    calibrate: Callable[[dict[str, VBCode]], dict[str, VBCode]] | None = None,
+    calibrate: Calibrate | None = None,
     growth: Growth | None = None,
 ) -> Holding:
     """The cheapest representation of ``source`` that meets ``judge``'s floor (see the module docstring).
@@ -177,6 +190,7 @@ def choose(
     """
     tried: list[Tried] = []
     held: dict[tuple, tuple] = {}
+    calibrated: dict[int, dict[str, VBCode]] = {}  # bank rank → its trained codes
 
     def attempt_lowrank(t: Tried) -> Tried:
         key = t.key
@@ -191,11 +205,18 @@ def choose(
     def attempt_bank(r: int) -> Tried:
         if ("bank", r) not in held:
             vectors, topk, codes = bank
-            trial = sliced(codes, r)
-            trial = calibrate(trial) if calibrate is not None else trial
+            trial, above = sliced(codes, r), None
+            if calibrate is not None:
+                # the nearest higher rank's trained codes already know what this adapter does: a short run from them
+                above = min((q for q in calibrated if q > r), default=None) if calibrate.warm_steps else None
+                if above is None:
+                    trial = calibrate.train(trial, None)
+                else:
+                    trial = calibrate.train(sliced(calibrated[above], r), calibrate.warm_steps)
+                calibrated[r] = trial
             tensors, table = hold_bank(source, trial, vectors, topk)
             modules = BANK.decode(tensors, table, vectors, topk)
-            score = judge.score(Tried("bank", r, None, BANK.stored_bytes(tensors), None), modules)
+            score = judge.score(Tried("bank", r, None, BANK.stored_bytes(tensors), None, warm_from=above), modules)
             tried.append(score)
             held[("bank", r)] = (tensors, table, modules, score, None, judge.errors)
         return held[("bank", r)][3]

@@ -30,6 +30,7 @@ class Tried:
     met: bool = False
     ranks: list[int] | None = None  # low-rank factors: each module's rank, in module order (None: `rank` for all)
     vectors: int = 0  # bank codes: vectors this adapter adds to the bank (a grown bank; their bytes are in `bytes`)
+    warm_from: int | None = None  # calibrated bank codes: the higher rank whose calibrated codes, sliced, this try started from
 
     @property
     def key(self) -> tuple:

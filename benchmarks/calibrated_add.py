@@ -7,8 +7,12 @@ The add runs in a spawned child (its own wall time and peak RSS) on a fresh copy
 retention below is KL retention on examples/text/heldout.txt, never used for calibration nor by the add's own
 floor (which measures on a held-out share of the calibration file).
 
+With ``--warm-from R --warm-ranks 3,4,5``, the rank search's short runs are compared as well: at each rank, a
+full calibration from the weight fit (the baseline) against ``warm_steps`` from rank R's calibrated codes, sliced.
+
 Build the base once: bash ../shared/bases/make_gemma3_270m.sh ~/.cache/vbcompress/gemma3-270m
-Usage: python benchmarks/calibrated_add.py [--adapter NAME] [--compare STEPS:LR ...] [--heldout K] [--json FILE]
+Usage: python benchmarks/calibrated_add.py [--adapter NAME] [--compare STEPS:LR ...] [--warm-from R --warm-ranks R,...]
+       [--heldout K] [--json FILE]
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ def main() -> None:
         default=[f"{d.code_steps}:{d.code_lr}:{d.gradient_start}:float32", f"{d.code_steps}:{d.code_lr}:{d.gradient_start}:{d.backward}"],
     )
     ap.add_argument("--rank", type=int, help="the rank of codes to calibrate in the comparison [default: the add's bank rank, else 1]")
+    ap.add_argument("--warm-from", type=int, help="compare short runs from this rank's calibrated codes with full ones")
+    ap.add_argument("--warm-ranks", default="3,4,5", help="the ranks of that comparison")
     ap.add_argument("--heldout", type=int, default=48, help="held-out lines to measure on")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -112,6 +118,19 @@ def main() -> None:
                 }
             )
 
+        warm = []
+        if args.warm_from:
+            full = Calibration(source, base, texts, CalibrationSettings())
+            full.targets()  # the add prepares them once for every rank it tries: not part of any run below
+            top, _ = full.run(VectorBank(bank, 2, sliced(codes, args.warm_from)), freeze_bank=True, measure=False)
+            for r in map(int, args.warm_ranks.split(",")):
+                row = {"rank": r}
+                for key, start, steps in (("full", sliced(codes, r), None), ("warm", sliced(top.codes, r), full.settings.warm_steps)):
+                    t = time.perf_counter()
+                    trained, _ = full.run(VectorBank(bank, 2, start), freeze_bank=True, measure=False, steps=steps)
+                    row[key] = (time.perf_counter() - t, kept(probe, trained, source))
+                warm.append(row)
+
     print(
         f"calibrated add of {args.adapter} to the attn-r4 siblings' collection, default settings ({torch.get_num_threads()} threads): "
         f"{added['seconds']:.0f} s wall, peak RSS {added['rss']:.2f} GiB; held as {added['held_as']}; bank ranks tried "
@@ -126,8 +145,18 @@ def main() -> None:
         print(
             f"| {r['settings']} | {r['seconds']:.0f} | {speed} | {r['kl_retention']:.3f} | {r['kl_retention'] - base_row['kl_retention']:+.3f} |"
         )
+    if warm:
+        d = CalibrationSettings()
+        print(
+            f"\na rank search's tries: {d.code_steps} steps from the weight fit (baseline) against {d.warm_steps} from rank {args.warm_from}'s codes:"
+        )
+        print("| rank | full: seconds | full: KL retention | warm: seconds | × baseline | warm: KL retention | Δ |")
+        print("|---|---|---|---|---|---|---|")
+        for w in warm:
+            (fs, fk), (ws, wk) = w["full"], w["warm"]
+            print(f"| {w['rank']} | {fs:.0f} | {fk:.3f} | {ws:.0f} | {fs / ws:.2f}× faster | {wk:.3f} | {wk - fk:+.3f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"add": added, "rank": rank, "calibration": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"add": added, "rank": rank, "calibration": rows, "warm": warm}, indent=1))
 
 
 if __name__ == "__main__":

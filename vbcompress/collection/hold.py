@@ -12,8 +12,9 @@ text with a base model, ΔW error without one. Two representations compete (thre
 - **low-rank factors**: the top directions of every module stored at 16, 8, 4, 3 or 2 bits (the plain
   representation every report compares against), on the Pareto front of bytes against ΔW error.
 
-The low-rank ladder is searched first (cheap to score), which bounds what bank codes may cost; bank ranks
-below that bound are searched from the largest down, so a bank that misses at its best rank costs one try.
+The low-rank ladder is searched first (cheap to score), from its cheapest rung, which bounds what bank codes may
+cost; bank ranks below that bound are searched from the largest down, so a bank that misses at its best rank costs
+one try.
 Calibrated codes are tried from rank 1 up instead, and before the ladder: each try is a training run, rank 1
 is where the bank has its ground, and when it meets the floor only cheaper low-rank points are worth scoring.
 Past rank 1, a rank below one already calibrated starts from that rank's calibrated codes, sliced, and trains
@@ -247,7 +248,9 @@ def choose(
         if judge.kind == "error":  # exact already: no need to bisect
             hit = next((i for i, t in enumerate(front) if judge.meets(t)), None)
         else:
-            hit = first_met(len(front), lambda i: attempt_lowrank(front[i]))
+            # cheapest first: with a base, the cheapest rung meets the default floor on every trained adapter of the Gemma
+            # family (int2 rank 1 keeps 0.69–0.93 KL retention), where a bisection from the top scores ~9 rungs
+            hit = first_met(len(front), lambda i: attempt_lowrank(front[i]), cheapest_first=True)
         best_low = attempt_lowrank(front[hit]) if hit is not None else None
 
     best_bank = None

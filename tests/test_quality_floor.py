@@ -212,11 +212,11 @@ def test_the_floor_search_finds_the_cheapest_rung_that_meets(cheapest_first):
                 assert tried == [0]
 
 
-@pytest.mark.parametrize("warm_steps", [25, 0])
-def test_a_calibrated_rank_search_starts_each_lower_rank_from_a_higher_ranks_trained_codes(collection, warm_steps):
+@pytest.mark.parametrize("warm", [True, False])
+def test_a_calibrated_rank_search_starts_each_lower_rank_from_a_higher_ranks_trained_codes(collection, warm):
     """Calibration is what a calibrated rank search spends its time on: past rank 1 and the top rank (each from its
     weight fit, in full), every rank tried starts from the trained codes of the nearest higher rank already tried,
-    sliced, for ``warm_steps`` steps; each try records where it started. With 0, every rank starts from its weight fit."""
+    sliced, for a short run; each try records where it started. Without ``warm``, every rank starts from its weight fit."""
     from vbcompress.bank.pipeline import fit_settings_for, run_fit
     from vbcompress.codec.layout import VBCode
     from vbcompress.collection.hold import Calibrate, Judge, choose, sliced
@@ -224,12 +224,12 @@ def test_a_calibrated_rank_search_starts_each_lower_rank_from_a_higher_ranks_tra
     source = load_adapter(MINILM_ADAPTER)
     bank = Collection(collection).bank
     codes = run_fit({m: mod.folded() for m, mod in source.modules.items()}, fit_settings_for([source], FAST), None, bank=bank).codes
-    calls = []  # (rank, steps, the codes given, the codes returned)
+    calls = []  # (rank, short run, the codes given, the codes returned)
 
-    def train(trial, steps):
+    def train(trial, short):
         # a stand-in for training: the same ΔW with each mixture's order reversed, so a slice of it is recognisable
         out = {n: VBCode(*(t.flip(-1) for t in (c.indices_A, c.weights_A, c.indices_B, c.weights_B))) for n, c in trial.items()}
-        calls.append((next(iter(trial.values())).rank, steps, trial, out))
+        calls.append((next(iter(trial.values())).rank, short, trial, out))
         return out
 
     def same(a, b):
@@ -238,19 +238,19 @@ def test_a_calibrated_rank_search_starts_each_lower_rank_from_a_higher_ranks_tra
     top = next(iter(codes.values())).rank
     errors = [delta_errors(source, load_adapter_codes(source, bank, sliced(codes, r))).total_rel_error for r in (1, top)]
     quality = QualitySettings(max_error=sum(errors) / 2, hold="bank")  # between rank 1 and the top: a search
-    holding = choose("minilm", source, Judge(source, quality), quality, (bank, 2, codes), Calibrate(train, warm_steps))
+    holding = choose("minilm", source, Judge(source, quality), quality, (bank, 2, codes), Calibrate(train, warm))
 
     assert [c[0] for c in calls[:2]] == [1, top] and len(calls) >= 3
-    for i, (rank, steps, given, _) in enumerate(calls):
+    for i, (rank, short, given, _) in enumerate(calls):
         done = {r: out for r, _, _, out in calls[:i]}
-        above = min((q for q in done if q > rank), default=None) if warm_steps else None
+        above = min((q for q in done if q > rank), default=None) if warm else None
         if above is None:
-            assert steps is None and same(given, sliced(codes, rank))
+            assert not short and same(given, sliced(codes, rank))
         else:
-            assert steps == warm_steps and same(given, sliced(done[above], rank))
+            assert short and same(given, sliced(done[above], rank))
         tried = next(t for t in holding.tried if t.codec == "bank" and t.rank == rank)
         assert tried.warm_from == above
-    assert any(t.warm_from for t in holding.tried) == bool(warm_steps)
+    assert any(t.warm_from for t in holding.tried) == warm
 
 
 def load_adapter_codes(source, bank, codes):

@@ -315,14 +315,15 @@ class Calibration:
         measure: bool = True,
         fixed_rows: int = 0,
         steps: int | None = None,
+        gradient_start: int | None = None,
     ) -> tuple[VectorBank, CalibrationReport]:
         """``vb`` trained on the prepared problem; with ``measure``, retention before and after on the
         held-out texts (a caller that scores the result itself passes False). ``fixed_rows``: a shared bank
         grown for this adapter, whose first rows (other adapters' vectors) are held while the rest train with
-        the codes, as codes against a frozen bank do. ``steps``: instead of the settings' ``code_steps`` (codes
-        only) or ``steps``."""
+        the codes, as codes against a frozen bank do. ``steps``, ``gradient_start``: instead of the settings'
+        (``code_steps`` or ``steps``; ``gradient_start``)."""
         with self.mode():
-            return self._run(vb, progress, freeze_bank, measure, fixed_rows, steps)
+            return self._run(vb, progress, freeze_bank, measure, fixed_rows, steps, gradient_start)
 
     def _point_entrants(self, model: BankModel, batches: int) -> None:
         """LoRA-GA's idea for codes: one gradient of the loss on the first ``batches`` batches, at the starting
@@ -335,7 +336,9 @@ class Calibration:
                 total += g
         model.order_entrants(grads, subvectors=[s.detach() for s in subs])
 
-    def _run(self, vb, progress, freeze_bank, measure, fixed_rows=0, steps=None) -> tuple[VectorBank, CalibrationReport]:
+    def _run(
+        self, vb, progress, freeze_bank, measure, fixed_rows=0, steps=None, gradient_start=None
+    ) -> tuple[VectorBank, CalibrationReport]:
         start = time.perf_counter()
         settings, base, device, held = self.settings, self.base, self.base.device, self.held if measure else []
         torch.manual_seed(self.seed)
@@ -364,8 +367,9 @@ class Calibration:
 
         # one bfloat16 copy of the frozen weights serves the gradient start and the steps
         with base.bfloat16_backward(grad_precision(settings.backward) == "bfloat16"):
-            if codes_only and settings.gradient_start:
-                self._point_entrants(model, settings.gradient_start)
+            point = settings.gradient_start if gradient_start is None else gradient_start
+            if codes_only and point:
+                self._point_entrants(model, point)
             losses = train(groups, steps, loss_at, progress, "calibrate")
         result = model.vector_bank()
         with torch.no_grad():

@@ -18,8 +18,8 @@ one try.
 Calibrated codes are tried from rank 1 up instead, and before the ladder: each try is a training run, rank 1
 is where the bank has its ground, and when it meets the floor only cheaper low-rank points are worth scoring.
 Past rank 1, a rank below one already calibrated starts from that rank's calibrated codes, sliced, and trains
-for a few steps (``CalibrationSettings.warm_steps``): measured to keep as much as a full calibration from the
-weight fit, at a quarter of its steps.
+for a few steps (``CalibrationSettings.warm_steps``, without the gradient start): measured to keep as much as a
+full calibration from the weight fit, at a quarter of its steps.
 Along both ladders quality is assumed to grow with bytes (true of ΔW error; measured, not proven, for KL):
 the search bisects. What was tried is recorded with the adapter.
 """
@@ -74,12 +74,12 @@ class Growth:
 
 @dataclass
 class Calibrate:
-    """Training sliced bank codes on the base: ``train(codes, steps)`` → the trained codes (``steps`` None: a full
-    calibration). A rank below one already calibrated starts from that rank's trained codes, sliced, for
-    ``warm_steps`` steps (0: every rank from its weight fit, in full)."""
+    """Training sliced bank codes on the base: ``train(codes, warm)`` → the trained codes. With ``warm``, a rank below
+    one already calibrated starts from that rank's trained codes, sliced (``warm=True``: a short run); otherwise every
+    rank starts from its weight fit (``warm=False``: a full calibration)."""
 
-    train: Callable[[dict[str, VBCode], int | None], dict[str, VBCode]]
-    warm_steps: int = 0
+    train: Callable[[dict[str, VBCode], bool], dict[str, VBCode]]
+    warm: bool = False
 
 
 GROW_FROM = 8  # the smallest growth tried; each next one doubles
@@ -209,11 +209,8 @@ def choose(
             trial, above = sliced(codes, r), None
             if calibrate is not None:
                 # the nearest higher rank's trained codes already know what this adapter does: a short run from them
-                above = min((q for q in calibrated if q > r), default=None) if calibrate.warm_steps else None
-                if above is None:
-                    trial = calibrate.train(trial, None)
-                else:
-                    trial = calibrate.train(sliced(calibrated[above], r), calibrate.warm_steps)
+                above = min((q for q in calibrated if q > r), default=None) if calibrate.warm else None
+                trial = calibrate.train(trial if above is None else sliced(calibrated[above], r), above is not None)
                 calibrated[r] = trial
             tensors, table = hold_bank(source, trial, vectors, topk)
             modules = BANK.decode(tensors, table, vectors, topk)

@@ -202,7 +202,7 @@ class CalibrationSettings:
     warm_steps: int = setting(
         25,
         "A calibrated rank search (pack, add): steps for a rank started from the codes calibrated at the nearest higher "
-        "rank, sliced (no gradient start; 0: every rank from its weight fit, in full).",
+        "rank, sliced (at most --calib-code-steps, no gradient start; 0: every rank from its weight fit, in full).",
     )  # svg-r16-qv on the attn-r4 siblings' bank, held-out KL retention, 25 steps from rank 8's codes against 100 from the
     # weight fit: rank 3 0.420 / 0.415, rank 4 0.455 / 0.434, rank 5 0.468 / 0.465; 15 steps 0.410 / 0.441 / 0.460
     code_lr: float = setting(

@@ -208,17 +208,19 @@ def hold(
         calibration = judging.calibration_for(source, fit.seed)
         probe = Probe(judging.model, calibration.held, calibration.teacher, calibration.settings.max_length)
 
-        def train(trial: dict[str, VBCode], warm: bool) -> dict[str, VBCode]:
+        def train(trial: dict[str, VBCode], short: bool) -> dict[str, VBCode]:
             if trained:
                 # Trained with the bank, codes sit in its optimum; code_lr steps against the frozen bank jump out of it
                 # (ner-r8 rank 8 in the NER trio's calibrated pack: 0.952 as trained, 0.926 after 100 such steps).
                 return trial
             # the judge measures the result on the same held-out texts: calibration need not measure it too
-            vb = VectorBank(bank=bank, topk=fit.topk, codes=trial)
+            vb, settings = VectorBank(bank=bank, topk=fit.topk, codes=trial), calibration.settings
+            if not short:
+                return calibration.run(vb, progress, freeze_bank=True, measure=False)[0].codes
             # codes already trained at a higher rank need no gradient start (svg-r16-qv ranks 3, 4, 5: the same retention
             # to three digits without it, 4-5 s less a run)
-            short = {"steps": calibration.settings.warm_steps, "gradient_start": 0} if warm else {}
-            return calibration.run(vb, progress, freeze_bank=True, measure=False, **short)[0].codes
+            steps = min(settings.warm_steps, settings.code_steps)
+            return calibration.run(vb, progress, freeze_bank=True, measure=False, steps=steps, gradient_start=0)[0].codes
 
         calibrate_codes = Calibrate(train, warm=not trained and calibration.settings.warm_steps > 0)
 

@@ -74,9 +74,9 @@ class Growth:
 
 @dataclass
 class Calibrate:
-    """Training sliced bank codes on the base: ``train(codes, warm)`` → the trained codes. With ``warm``, a rank below
-    one already calibrated starts from that rank's trained codes, sliced (``warm=True``: a short run); otherwise every
-    rank starts from its weight fit (``warm=False``: a full calibration)."""
+    """Training sliced bank codes on the base: ``train(codes, short)`` → the trained codes, a short run when ``codes``
+    are a higher rank's trained codes, sliced. ``warm``: the search starts a rank below one already calibrated that
+    way (otherwise every rank starts from its weight fit, in full)."""
 
     train: Callable[[dict[str, VBCode], bool], dict[str, VBCode]]
     warm: bool = False

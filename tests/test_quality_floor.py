@@ -96,6 +96,12 @@ def test_floor_settings_are_checked_before_any_work(collection, stranger):
     ):
         with pytest.raises(SettingError, match=match):
             add(collection, [stranger], quality=quality)
+    from vbcompress import CalibrationSettings
+
+    from .conftest import MINILM_BASE
+
+    with pytest.raises(SettingError, match="warm_steps must not be negative"):  # 0 is allowed: the search without short runs
+        add(collection, [stranger], base=MINILM_BASE, calibration=CalibrationSettings(warm_steps=-1))
 
 
 def test_cli_says_how_each_adapter_is_held_and_refuses_in_one_line(collection, stranger, tmp_path):

@@ -234,8 +234,10 @@ class CalibrationSettings:
 
     def check(self) -> None:
         negative = [n for n in ("steps", "code_steps", "warm_steps", "gradient_start") if getattr(self, n) < 0]
-        if self.samples < 1 or negative:
-            raise SettingError("samples" if self.samples < 1 else negative[0], "{setting} must be positive")
+        if self.samples < 1:
+            raise SettingError("samples", "{setting} must be positive")
+        if negative:
+            raise SettingError(negative[0], "{setting} must not be negative")
         for name in ("lr", "code_lr"):
             if not getattr(self, name) > 0:
                 raise SettingError(name, f"{{setting}} must be positive, not {getattr(self, name)}")

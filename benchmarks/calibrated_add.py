@@ -125,13 +125,9 @@ def main() -> None:
             top, _ = full.run(VectorBank(bank, 2, sliced(codes, args.warm_from)), freeze_bank=True, measure=False)
             for r in map(int, args.warm_ranks.split(",")):
                 row = {"rank": r}
-                # the warm run as the rank search runs it: warm_steps, no gradient start
-                for key, start, short in (
-                    ("full", sliced(codes, r), {}),
-                    ("warm", sliced(top.codes, r), {"steps": full.settings.warm_steps, "gradient_start": 0}),
-                ):
+                for key, start in (("full", sliced(codes, r)), ("warm", sliced(top.codes, r))):
                     t = time.perf_counter()
-                    trained, _ = full.run(VectorBank(bank, 2, start), freeze_bank=True, measure=False, **short)
+                    trained, _ = full.run(VectorBank(bank, 2, start), freeze_bank=True, measure=False, warm=key == "warm")
                     row[key] = (time.perf_counter() - t, kept(probe, trained, source))
                 warm.append(row)
 

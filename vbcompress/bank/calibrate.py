@@ -314,16 +314,15 @@ class Calibration:
         freeze_bank: bool = False,
         measure: bool = True,
         fixed_rows: int = 0,
-        steps: int | None = None,
-        gradient_start: int | None = None,
+        warm: bool = False,
     ) -> tuple[VectorBank, CalibrationReport]:
         """``vb`` trained on the prepared problem; with ``measure``, retention before and after on the
         held-out texts (a caller that scores the result itself passes False). ``fixed_rows``: a shared bank
         grown for this adapter, whose first rows (other adapters' vectors) are held while the rest train with
-        the codes, as codes against a frozen bank do. ``steps``, ``gradient_start``: instead of the settings'
-        (``code_steps`` or ``steps``; ``gradient_start``)."""
+        the codes, as codes against a frozen bank do. ``warm``: ``vb``'s codes were already trained at a higher rank
+        and sliced (a rank search): a short run, ``warm_steps`` (at most the full run's) without the gradient start."""
         with self.mode():
-            return self._run(vb, progress, freeze_bank, measure, fixed_rows, steps, gradient_start)
+            return self._run(vb, progress, freeze_bank, measure, fixed_rows, warm)
 
     def _point_entrants(self, model: BankModel, batches: int) -> None:
         """LoRA-GA's idea for codes: one gradient of the loss on the first ``batches`` batches, at the starting
@@ -336,9 +335,7 @@ class Calibration:
                 total += g
         model.order_entrants(grads, subvectors=[s.detach() for s in subs])
 
-    def _run(
-        self, vb, progress, freeze_bank, measure, fixed_rows=0, steps=None, gradient_start=None
-    ) -> tuple[VectorBank, CalibrationReport]:
+    def _run(self, vb, progress, freeze_bank, measure, fixed_rows=0, warm=False) -> tuple[VectorBank, CalibrationReport]:
         start = time.perf_counter()
         settings, base, device, held = self.settings, self.base, self.base.device, self.held if measure else []
         torch.manual_seed(self.seed)
@@ -358,8 +355,11 @@ class Calibration:
         if not freeze_bank:
             # a grown bank's new rows move with the codes, at their rate (ner-r8, 16 new vectors: 0.661 → 0.700)
             groups.append({"params": [model.bank], "lr": (settings.code_lr if grown else settings.lr) * scale})
-        if steps is None:
-            steps = settings.code_steps if codes_only else settings.steps
+        steps, point = (settings.code_steps if codes_only else settings.steps), settings.gradient_start
+        if warm:
+            # codes trained at a higher rank need no gradient start (svg-r16-qv ranks 3, 4, 5: the same retention to
+            # three digits without it, 4-5 s less a run)
+            steps, point = min(settings.warm_steps, steps), 0
 
         def loss_at(step: int) -> torch.Tensor:
             i = step % len(batches)
@@ -367,7 +367,6 @@ class Calibration:
 
         # one bfloat16 copy of the frozen weights serves the gradient start and the steps
         with base.bfloat16_backward(grad_precision(settings.backward) == "bfloat16"):
-            point = settings.gradient_start if gradient_start is None else gradient_start
             if codes_only and point:
                 self._point_entrants(model, point)
             losses = train(groups, steps, loss_at, progress, "calibrate")

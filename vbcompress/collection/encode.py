@@ -214,13 +214,8 @@ def hold(
                 # (ner-r8 rank 8 in the NER trio's calibrated pack: 0.952 as trained, 0.926 after 100 such steps).
                 return trial
             # the judge measures the result on the same held-out texts: calibration need not measure it too
-            vb, settings = VectorBank(bank=bank, topk=fit.topk, codes=trial), calibration.settings
-            if not short:
-                return calibration.run(vb, progress, freeze_bank=True, measure=False)[0].codes
-            # codes already trained at a higher rank need no gradient start (svg-r16-qv ranks 3, 4, 5: the same retention
-            # to three digits without it, 4-5 s less a run)
-            steps = min(settings.warm_steps, settings.code_steps)
-            return calibration.run(vb, progress, freeze_bank=True, measure=False, steps=steps, gradient_start=0)[0].codes
+            vb = VectorBank(bank=bank, topk=fit.topk, codes=trial)
+            return calibration.run(vb, progress, freeze_bank=True, measure=False, warm=short)[0].codes
 
         calibrate_codes = Calibrate(train, warm=not trained and calibration.settings.warm_steps > 0)
 

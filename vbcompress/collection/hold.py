@@ -14,12 +14,11 @@ text with a base model, ΔW error without one. Two representations compete (thre
 
 The low-rank ladder is searched first (cheap to score), from its cheapest rung, which bounds what bank codes may
 cost; bank ranks below that bound are searched from the largest down, so a bank that misses at its best rank costs
-one try.
-Calibrated codes are tried from rank 1 up instead, and before the ladder: each try is a training run, rank 1
-is where the bank has its ground, and when it meets the floor only cheaper low-rank points are worth scoring.
-Past rank 1, a rank below one already calibrated starts from that rank's calibrated codes, sliced, and trains
-for a few steps (``CalibrationSettings.warm_steps``, without the gradient start): measured to keep as much as a
-full calibration from the weight fit, at a quarter of its steps.
+one try. Calibrated codes are trained in full (``CalibrationSettings.code_steps``) at that largest rank only; rank 1
+is tried next (where the bank has its ground: when it meets, two calibrations decide), then the ranks between,
+bisected. Each of those starts from the calibrated codes of the nearest higher rank already tried, sliced, and
+trains for a few steps (``CalibrationSettings.warm_steps``, without the gradient start): measured to keep as much
+as a full calibration from the weight fit, at a quarter of its steps.
 Along both ladders quality is assumed to grow with bytes (true of ΔW error; measured, not proven, for KL):
 the search bisects. What was tried is recorded with the adapter.
 """
@@ -148,23 +147,29 @@ def hold_bank(source: Adapter, codes: dict[str, VBCode], bank: torch.Tensor, top
     return BANK.hold(codes, topk, bank.shape[0]), table
 
 
-def first_met(n: int, attempt: Callable[[int], Tried], cheapest_first: bool = False) -> int | None:
+def first_met(n: int, attempt: Callable[[int], Tried], order: str = "top") -> int | None:
     """Smallest i in [0, n) whose attempt meets the floor, bisecting (quality assumed to grow with i).
 
-    The largest is tried first, so that a ladder that misses everywhere costs one attempt; with
-    ``cheapest_first`` the smallest is tried before it, so that a ladder whose first rung meets costs one
-    (calibrated bank codes: each attempt is a training run, and rank 1 meets most floors it can meet at all).
+    ``order`` says what is tried before the bisection: ``top``, the largest, so that a ladder that misses
+    everywhere costs one attempt; ``cheapest``, the smallest and then the largest, so that a ladder whose first
+    rung meets costs one (the low-rank ladder with a base); ``top-cheapest``, the largest and then the smallest
+    (calibrated bank codes: the largest is the one full training run, the others start from it, and rank 1
+    meets most floors that any rank below the largest meets).
     """
+    if order not in ("top", "cheapest", "top-cheapest"):
+        raise ValueError(f"unknown search order {order!r}")
     if n == 0:
         return None
-    if cheapest_first:
+    if order == "cheapest":
         if attempt(0).met:
             return 0
         if n == 1:
             return None
     if not attempt(n - 1).met:
         return None
-    lo, hi = (1 if cheapest_first else 0), n - 1  # hi meets
+    if order == "top-cheapest" and n > 1 and attempt(0).met:
+        return 0
+    lo, hi = (0 if order == "top" else 1), n - 1  # hi meets
     while lo < hi:
         mid = (lo + hi) // 2
         if attempt(mid).met:
@@ -233,11 +238,6 @@ def choose(
         return held[("grown", r, g)][3]
 
     cap = source.fp16_bytes()
-    if calibrate is not None and bank is not None and quality.hold == "auto" and attempt_bank(1).met:
-        # Calibrated rank-1 codes meet the floor: only low-rank points cheaper than them can win, so the
-        # ladder's search (a pass over held-out text per point) is confined to those.
-        cap = min(cap, attempt_bank(1).bytes - 1)
-
     best_low, grid = None, None
     if quality.hold in ("auto", "lowrank"):
         grid = lowrank_grid(source)
@@ -247,7 +247,7 @@ def choose(
         else:
             # cheapest first: with a base, the cheapest rung meets the default floor on every trained adapter of the Gemma
             # family (int2 rank 1 keeps 0.69–0.93 KL retention), where a bisection from the top scores ~9 rungs
-            hit = first_met(len(front), lambda i: attempt_lowrank(front[i]), cheapest_first=True)
+            hit = first_met(len(front), lambda i: attempt_lowrank(front[i]), order="cheapest")
         best_low = attempt_lowrank(front[hit]) if hit is not None else None
 
     best_bank = None
@@ -256,7 +256,7 @@ def choose(
         top = next(iter(codes.values())).rank
         cost = [BANK.size(sliced(codes, r), topk, vectors.shape[0]) for r in range(1, top + 1)]
         ranks = [r for r in range(1, top + 1) if best_low is None or cost[r - 1] < best_low.bytes]
-        hit = first_met(len(ranks), lambda i: attempt_bank(ranks[i]), cheapest_first=calibrate is not None)
+        hit = first_met(len(ranks), lambda i: attempt_bank(ranks[i]), order="top" if calibrate is None else "top-cheapest")
         best_bank = held[("bank", ranks[hit])][3] if hit is not None else None
 
     best_grown = None

@@ -348,6 +348,27 @@ def test_a_calibrated_add_keeps_what_it_says_on_held_out_text(collection, tmp_pa
         assert all(torch.equal(d, Collection(root).adapter(n).delta_weights()[k]) for k, d in deltas.items())
 
 
+def test_an_untrained_adapter_added_with_a_base_lands_as_what_it_is(collection, tmp_path):
+    """PEFT saves lora_B = 0 at initialisation: such an adapter does nothing, so with a base there is no effect to
+    retain. It lands held by plain factors that do nothing either (never by bank codes, which would add an effect),
+    its retention stated as not measurable, as without a base a zero ΔW is no error."""
+    from vbcompress import CalibrationSettings
+
+    from .conftest import MINILM_BASE, REPO
+
+    root = copy_of(collection, tmp_path)
+    zero = load_adapter(MINILM_ADAPTER)
+    for m in zero.modules.values():
+        m.B = torch.zeros_like(m.B)
+    write_peft_lora(zero, tmp_path / "zero")
+    texts, cal = REPO / "examples" / "text" / "calibration.txt", CalibrationSettings(code_steps=5, samples=32)
+    (entry,) = add(root, [tmp_path / "zero"], fit=FAST, base=MINILM_BASE, texts=texts, calibration=cal).added
+    assert entry.codec == "lowrank" and entry.retention is None and entry.floor == "retention ≥ 0.5"
+    assert "ΔW is zero" in entry.verdict["line"]
+    assert not any(bool(d.any()) for d in Collection(root).adapter(entry.name).delta_weights().values())
+    assert all(not t["met"] for t in entry.tried if t["codec"] == "bank")
+
+
 @pytest.mark.slow
 def test_a_calibrated_pack_trains_one_bank_on_what_every_adapter_does(tmp_path):
     """With a base, pack trains its bank in function space on all its adapters (each against its own teacher,

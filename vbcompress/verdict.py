@@ -99,6 +99,9 @@ def judge(
     """The verdict on ``what`` (e.g. "this VB-LoRA adapter"), stored in ``stored_bytes`` with ``rel_error``
     (and ``retention`` where measured) against the source ``modules``. ``plain``: the best plain
     representation, with its retention measured on the same inputs (default: :func:`best_plain`, ΔW only)."""
+    if rel_error is None:  # the source's ΔW is zero (PEFT saves lora_B = 0 untrained): no error, no effect to retain
+        line = f"the adapter's ΔW is zero (saved untrained?): there is nothing for {what} to keep"
+        return Verdict("ours", line, None, retention, stored_bytes, None, None, "much")
     plain = plain or best_plain(modules, stored_bytes)
     keeps = how_much(rel_error, retention)
     ours = f"ΔW error {rel_error:.3f}" if rel_error is not None else "ΔW error -"

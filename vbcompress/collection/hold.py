@@ -105,7 +105,13 @@ class Judge:
         total, self.errors, _ = measure(self.source, Adapter(modules=modules, source=self.source.source))
         tried.rel_error = total
         if self.probe is not None:
-            tried.retention = self.probe.measure({n: m.delta_weight() for n, m in modules.items()}).headline
+            deltas = {n: m.delta_weight() for n, m in modules.items()}
+            tried.retention = self.probe.measure(deltas).headline
+            if tried.retention is None:
+                # the source does nothing on these texts (an untrained adapter, B = 0): kept exactly by a representation
+                # that does nothing either, as a ΔW floor keeps a zero ΔW, and by nothing else
+                tried.met = not any(bool(d.any()) for d in deltas.values())
+                return tried
         tried.met = self.meets(tried)
         return tried
 

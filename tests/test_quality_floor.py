@@ -350,8 +350,8 @@ def test_a_calibrated_add_keeps_what_it_says_on_held_out_text(collection, tmp_pa
 
 def test_an_untrained_adapter_added_with_a_base_lands_as_what_it_is(collection, tmp_path):
     """PEFT saves lora_B = 0 at initialisation: such an adapter does nothing, so with a base there is no effect to
-    retain. It lands held by plain factors that do nothing either (never by bank codes, which would add an effect),
-    its retention stated as not measurable, as without a base a zero ΔW is no error."""
+    retain. It lands held by plain factors that do nothing either (never by bank codes, which would add an effect,
+    nor by vectors grown for it), its retention stated as not measurable, as without a base a zero ΔW is no error."""
     from vbcompress import CalibrationSettings
 
     from .conftest import MINILM_BASE, REPO
@@ -366,7 +366,9 @@ def test_an_untrained_adapter_added_with_a_base_lands_as_what_it_is(collection, 
     assert entry.codec == "lowrank" and entry.retention is None and entry.floor == "retention ≥ 0.5"
     assert "ΔW is zero" in entry.verdict["line"]
     assert not any(bool(d.any()) for d in Collection(root).adapter(entry.name).delta_weights().values())
-    assert all(not t["met"] for t in entry.tried if t["codec"] == "bank")
+    assert [t["codec"] for t in entry.tried] == ["lowrank"]  # no codes tried, no vectors grown for it
+    (plain,) = add(copy_of(collection, tmp_path / "plain"), [tmp_path / "zero"], fit=FAST).added  # without a base: the same
+    assert plain.held_as == entry.held_as and plain.rel_error is None
 
 
 @pytest.mark.slow

@@ -200,6 +200,10 @@ def choose(
     codes on the base model; ``growth`` may add vectors to the bank where its codes alone miss. Raises
     SettingError (naming the floor's setting) when nothing within the adapter's own fp16 size meets it.
     """
+    if not any(bool(m.balanced()[2].any()) for m in source.modules.values()):
+        # a zero ΔW (PEFT saves lora_B = 0 untrained): codes mix bank vectors, so they would add an effect, and vectors
+        # grown for it would be zeros in the shared bank; the cheapest plain factors hold it exactly
+        bank = growth = None
     tried: list[Tried] = []
     held: dict[tuple, tuple] = {}
     calibrated: dict[int, dict[str, VBCode]] = {}  # bank rank → its trained codes

@@ -10,9 +10,14 @@ floor (which measures on a held-out share of the calibration file).
 With ``--warm-from R --warm-ranks 3,4,5``, the rank search's short runs are compared as well: at each rank, a
 full calibration from the weight fit (the baseline) against ``warm_steps`` from rank R's calibrated codes, sliced.
 
+With ``--family``, only the adds: every gemma-3-270m adapter of the shared family that is not in the bank, each added
+in its own process to a fresh copy of the collection, one table (the untrained one, all-zero B, has no effect to
+keep: the table shows what the add does with it).
+
 Build the base once: bash ../shared/bases/make_gemma3_270m.sh ~/.cache/vbcompress/gemma3-270m
 Usage: python benchmarks/calibrated_add.py [--adapter NAME] [--compare STEPS:LR ...] [--warm-from R --warm-ranks R,...]
        [--heldout K] [--json FILE]
+       python benchmarks/calibrated_add.py --family [NAME ...] [--heldout K] [--json FILE]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import shutil
 import sys
 import tempfile
 import time
@@ -41,6 +47,14 @@ from causal import ADAPTERS, CALIBRATION, GEMMA, HELDOUT  # noqa: E402
 from collection import rss_peak_gib  # noqa: E402
 
 SIBLINGS = ["gemma3-270m-attn-r4", "gemma3-270m-attn-r4-curriculum_stage1", "gemma3-270m-attn-r4-seed123"]
+FAMILY = [
+    "gemma3-270m-ner-r8",
+    "gemma3-270m-ner-r16",
+    "gemma3-270m-ner-quality-r16",
+    "gemma3-270m-svg-r16-qv",
+    "gemma3-270m-it-svg-r8-qv",
+    "gemma3-270m-it-svg-untrained",
+]
 
 
 def add_child(args: dict) -> dict:
@@ -56,9 +70,50 @@ def add_child(args: dict) -> dict:
         "held_as": entry.held_as,
         "codec": entry.codec,
         "rank": entry.rank,
-        "bank_tries": [(t["rank"], round(t["retention"], 4), t["met"]) for t in tried],
+        "bank_tries": [(t["rank"], None if t["retention"] is None else round(t["retention"], 4), t["met"]) for t in tried],
         "floor_retention": entry.retention,
     }
+
+
+def family(args, coll: Path, tmp: str) -> None:
+    """Every family adapter not in the bank, each added in its own process to a fresh copy of the collection."""
+    rows = []
+    for i, name in enumerate(args.family or FAMILY):
+        copy = Path(tmp) / f"coll-{i}"
+        shutil.copytree(coll, copy)
+        job = {"coll": str(copy), "src": str(ADAPTERS / name), "base": args.base}
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            try:
+                added = pool.apply(add_child, (job,))
+            except Exception as e:  # what the add says, as a user would read it
+                rows.append({"adapter": name, "refused": str(e).splitlines()[0]})
+                continue
+        source = load_adapter(ADAPTERS / name)
+        base = Base(args.base, source)
+        probe = Probe(base, read_texts(HELDOUT)[: args.heldout], source.delta_weights(), CalibrationSettings.max_length)
+        added["kl_retention"] = probe.measure(Collection(copy).adapter(added["name"]).delta_weights()).headline
+        rows.append({"adapter": name, **added})
+        print(rows[-1], flush=True)
+    print(
+        f"\ncalibrated adds to the attn-r4 siblings' collection, default settings ({torch.get_num_threads()} threads), each in its own process:"
+    )
+    print(
+        f"| adapter | wall s | peak RSS GiB | held as | bank ranks tried (rank, floor retention, met) | KL retention ({args.heldout} held-out lines) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "refused" in r:
+            print(f"| {r['adapter']} | - | - | refused: {r['refused']} | - | - |")
+        else:
+            print(
+                f"| {r['adapter']} | {r['seconds']:.0f} | {r['rss']:.2f} | {r['held_as']} | {r['bank_tries']} | {fmt(r['kl_retention'])} |"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def kept(probe: Probe, vb: VectorBank, source) -> float:
@@ -80,12 +135,16 @@ def main() -> None:
     ap.add_argument("--warm-from", type=int, help="compare short runs from this rank's calibrated codes with full ones")
     ap.add_argument("--warm-ranks", default="3,4,5", help="the ranks of that comparison")
     ap.add_argument("--heldout", type=int, default=48, help="held-out lines to measure on")
+    ap.add_argument("--family", nargs="*", help="only the adds: of these family adapters (none named: every one not in the bank)")
     ap.add_argument("--json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         coll = Path(tmp) / "coll"
         fit = FitSettings(num_vectors=256, vector_length=128)
         pack([ADAPTERS / n for n in SIBLINGS], coll, fit)
+        if args.family is not None:
+            family(args, coll, tmp)
+            return
         bank = Collection(coll).bank
         job = {"coll": str(coll), "src": str(ADAPTERS / args.adapter), "base": args.base}
         with multiprocessing.get_context("spawn").Pool(1) as pool:

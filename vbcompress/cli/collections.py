@@ -90,11 +90,10 @@ def print_entries(entries, verb: str) -> None:
         banks = [t for t in e.tried if t["codec"] == "bank"]
         if e.codec != "bank" and banks:
             bank = max(banks, key=lambda t: t["bytes"])
-            share = f"({describe(bank)}, {bank['bytes'] / e.source_fp16_bytes:.1%})"
-            if bank["rel_error"] is None:  # a zero ΔW: codes mix bank vectors, so they would add an effect
-                click.echo(f"  the shared bank's codes {share} would add an effect the adapter does not have: plain factors hold it")
-            else:
-                click.echo(f"  the shared bank's codes {share} kept only {kept(bank)}: plain factors keep more here")
+            click.echo(
+                f"  the shared bank's codes ({describe(bank)}, {bank['bytes'] / e.source_fp16_bytes:.1%}) kept only {kept(bank)}: "
+                "plain factors keep more here"
+            )
         better = [t for t in e.tried if t["codec"] != e.codec and t["met"] and t["bytes"] > e.codes_bytes]
         if e.codec == "bank" and better:
             low = min(better, key=lambda t: t["bytes"])

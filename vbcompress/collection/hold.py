@@ -17,8 +17,9 @@ cost; bank ranks below that bound are searched from the largest down, so a bank 
 one try. Calibrated codes are trained in full (``CalibrationSettings.code_steps``) at that largest rank only; rank 1
 is tried next (where the bank has its ground: when it meets, two calibrations decide), then the ranks between,
 bisected. Each of those starts from the calibrated codes of the nearest higher rank already tried, sliced, and
-trains for a few steps (``CalibrationSettings.warm_steps``, without the gradient start): measured to keep as much
-as a full calibration from the weight fit, at a quarter of its steps.
+trains for a few steps (``CalibrationSettings.warm_steps``, without the gradient start): measured to keep about as
+much as a full calibration from the weight fit (−0.012 to +0.021 KL retention at ranks 1–5 of two Gemma adapters),
+at a quarter of its steps.
 Along both ladders quality is assumed to grow with bytes (true of ΔW error; measured, not proven, for KL):
 the search bisects. What was tried is recorded with the adapter.
 """

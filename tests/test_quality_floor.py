@@ -369,6 +369,8 @@ def test_an_untrained_adapter_added_with_a_base_lands_as_what_it_is(collection, 
     assert [t["codec"] for t in entry.tried] == ["lowrank"]  # no codes tried, no vectors grown for it
     (plain,) = add(copy_of(collection, tmp_path / "plain"), [tmp_path / "zero"], fit=FAST).added  # without a base: the same
     assert plain.held_as == entry.held_as and plain.rel_error is None
+    with pytest.raises(SettingError, match=r"ΔW is zero .* \(hold auto or lowrank\)"):
+        add(copy_of(collection, tmp_path / "bank"), [tmp_path / "zero"], fit=FAST, quality=QualitySettings(hold="bank"))
 
 
 @pytest.mark.slow

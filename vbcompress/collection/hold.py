@@ -204,6 +204,13 @@ def choose(
     if not any(bool(m.balanced()[2].any()) for m in source.modules.values()):
         # a zero ΔW (PEFT saves lora_B = 0 untrained): codes mix bank vectors, so they would add an effect, and vectors
         # grown for it would be zeros in the shared bank; the cheapest plain factors hold it exactly
+        if quality.hold == "bank":
+            raise SettingError(
+                "hold",
+                f"adapter {name!r}: its ΔW is zero (saved untrained?), which bank codes cannot hold without adding an effect; "
+                "plain factors hold it exactly ({setting} auto or lowrank)",
+                where=source.source,
+            )
         bank = growth = None
     tried: list[Tried] = []
     held: dict[tuple, tuple] = {}

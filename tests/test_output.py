@@ -144,7 +144,9 @@ def test_sigterm_during_a_run_leaves_nothing_behind(src, tmp_path):
     import sys
     import time
 
-    cmd = [sys.executable, "-m", "vbcompress.cli", "lora2vb", str(src), "-o", str(tmp_path / "out"), "-N", "256", "--iters", "50"]
+    # a run of seconds, all of its steps (--tol 0): a shorter one can finish before the signal on a fast machine
+    fit = ["-N", "256", "--iters", "50", "--tol", "0", "--refine-steps", "5000"]
+    cmd = [sys.executable, "-m", "vbcompress.cli", "lora2vb", str(src), "-o", str(tmp_path / "out"), *fit]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (tmp_path / ".out.lock").exists():

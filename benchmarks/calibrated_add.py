@@ -75,23 +75,34 @@ def add_child(args: dict) -> dict:
     }
 
 
+def spawned_add(coll: Path, name: str, base: str) -> dict:
+    """``add_child`` in a fresh process (its own wall time and peak RSS)."""
+    job = {"coll": str(coll), "src": str(ADAPTERS / name), "base": base}
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(add_child, (job,))
+
+
+def measured(args, coll: Path, name: str, added: dict) -> tuple:
+    """Fills in ``added["kl_retention"]``, what the stored adapter keeps on the held-out lines; (source, base, probe)."""
+    source = load_adapter(ADAPTERS / name)
+    base = Base(args.base, source)
+    probe = Probe(base, read_texts(HELDOUT)[: args.heldout], source.delta_weights(), CalibrationSettings.max_length)
+    added["kl_retention"] = probe.measure(Collection(coll).adapter(added["name"]).delta_weights()).headline
+    return source, base, probe
+
+
 def family(args, coll: Path, tmp: str) -> None:
     """Every family adapter not in the bank, each added in its own process to a fresh copy of the collection."""
     rows = []
     for i, name in enumerate(args.family or FAMILY):
         copy = Path(tmp) / f"coll-{i}"
         shutil.copytree(coll, copy)
-        job = {"coll": str(copy), "src": str(ADAPTERS / name), "base": args.base}
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            try:
-                added = pool.apply(add_child, (job,))
-            except Exception as e:  # what the add says, as a user would read it
-                rows.append({"adapter": name, "refused": str(e).splitlines()[0]})
-                continue
-        source = load_adapter(ADAPTERS / name)
-        base = Base(args.base, source)
-        probe = Probe(base, read_texts(HELDOUT)[: args.heldout], source.delta_weights(), CalibrationSettings.max_length)
-        added["kl_retention"] = probe.measure(Collection(copy).adapter(added["name"]).delta_weights()).headline
+        try:
+            added = spawned_add(copy, name, args.base)
+        except Exception as e:  # what the add says, as a user would read it
+            rows.append({"adapter": name, "refused": str(e).splitlines()[0]})
+            continue
+        measured(args, copy, name, added)
         rows.append({"adapter": name, **added})
         print(rows[-1], flush=True)
     print(
@@ -146,14 +157,8 @@ def main() -> None:
             family(args, coll, tmp)
             return
         bank = Collection(coll).bank
-        job = {"coll": str(coll), "src": str(ADAPTERS / args.adapter), "base": args.base}
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            added = pool.apply(add_child, (job,))
-        source = load_adapter(ADAPTERS / args.adapter)
-        base = Base(args.base, source)
-        probe = Probe(base, read_texts(HELDOUT)[: args.heldout], source.delta_weights(), CalibrationSettings.max_length)
-        stored = Collection(coll).adapter(added["name"])
-        added["kl_retention"] = probe.measure(stored.delta_weights()).headline
+        added = spawned_add(coll, args.adapter, args.base)
+        source, base, probe = measured(args, coll, args.adapter, added)
 
         rank = args.rank or (added["rank"] if added["codec"] == "bank" else 1)
         codes = run_fit({m: mod.folded() for m, mod in source.modules.items()}, fit_settings_for([source], fit), None, bank=bank).codes
@@ -193,7 +198,7 @@ def main() -> None:
     print(
         f"calibrated add of {args.adapter} to the attn-r4 siblings' collection, default settings ({torch.get_num_threads()} threads): "
         f"{added['seconds']:.0f} s wall, peak RSS {added['rss']:.2f} GiB; held as {added['held_as']}; bank ranks tried "
-        f"(rank, floor retention, met): {added['bank_tries']}; KL retention on {args.heldout} held-out lines {added['kl_retention']:.3f}"
+        f"(rank, floor retention, met): {added['bank_tries']}; KL retention on {args.heldout} held-out lines {fmt(added['kl_retention'])}"
     )
     base_row = rows[1] if len(rows) > 1 else rows[0]
     print(f"\ncalibration of its rank-{rank} codes against the frozen bank (the first setting is the baseline):")

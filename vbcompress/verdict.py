@@ -104,12 +104,12 @@ def judge(
         return Verdict("ours", line, None, retention, stored_bytes, None, None, "much")
     plain = plain or best_plain(modules, stored_bytes)
     keeps = how_much(rel_error, retention)
-    ours = f"ΔW error {rel_error:.3f}" if rel_error is not None else "ΔW error -"
+    ours = f"ΔW error {rel_error:.3f}"
     if retention is not None:
         ours += f", retention {retention:.3f}"
     if plain is not None:
         by_retention = retention is not None and plain.retention is not None
-        better = plain.retention > retention if by_retention else rel_error is not None and plain.rel_error < rel_error
+        better = plain.retention > retention if by_retention else plain.rel_error < rel_error
         theirs = f"ΔW error {plain.rel_error:.3f}" + (f", retention {plain.retention:.3f}" if plain.retention is not None else "")
         if better:
             command = command_for(plain, src)

@@ -363,3 +363,15 @@ def test_a_byte_budget_chooses_the_largest_bank_whose_collection_fits(family, tm
     assert bigger.total_bytes > summary.budget
     result = CliRunner().invoke(main, ["pack", str(family["real"]), "-o", str(tmp_path / "e"), "--max-bytes", "1000"])
     assert result.exit_code == 2 and "--max-bytes allows 1000 bytes for the collection" in result.stderr
+
+
+def test_a_shared_bank_is_fitted_and_recorded_with_the_shared_bank_settings(packed, family, tmp_path):
+    """A collection's bank keeps the gentler refine rate and full alternation (one adapter's faster defaults kept
+    less KL on a joint bank), records them, and a rate the caller chose is kept."""
+    from vbcompress.collection.encode import SHARED_BANK
+
+    assert FitSettings().refine_lr != SHARED_BANK["refine_lr"]
+    recorded = packed.manifest.settings
+    assert {k: recorded[k] for k in SHARED_BANK} == SHARED_BANK
+    pack([family["real"]], tmp_path / "c", replace(FAST, refine_lr=0.01), names=["real"], quality=BANK_ONLY)
+    assert Collection(tmp_path / "c").manifest.settings["refine_lr"] == 0.01
